@@ -1,0 +1,3 @@
+from sdprune.cli import main
+
+main(prog_name="sdprune")

@@ -1,0 +1,22 @@
+"""The `sdprune` command line."""
+
+from __future__ import annotations
+
+import click
+
+from sdprune import __version__
+from sdprune.cli.common import Group
+from sdprune.cli.evaluate import evaluate
+from sdprune.cli.info import info
+from sdprune.cli.train import train
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sdprune")
+def main() -> None:
+    """Stochastic-depth ResNets: train, measure which blocks matter, prune and export."""
+
+
+main.add_command(train)
+main.add_command(evaluate)
+main.add_command(info)
