@@ -113,6 +113,9 @@ def make_data_config(options: dict[str, Any], run_config: dict[str, Any] | None 
     limit_train = options.get("limit_train")
     if limit_train is None and dataset == recorded.get("dataset"):
         limit_train = recorded.get("limit_train")
+    limit_test = options.get("limit_test")
+    if limit_test is None and dataset == recorded.get("dataset"):
+        limit_test = recorded.get("limit_test")
     val_split = options.get("val_split")
     if val_split is None:
         val_split = recorded.get("val_split", 0) if dataset == recorded.get("dataset") else 0
@@ -121,7 +124,7 @@ def make_data_config(options: dict[str, Any], run_config: dict[str, Any] | None 
         data_dir=data_dir,
         download=bool(options.get("download")),
         limit_train=limit_train,
-        limit_test=options.get("limit_test"),
+        limit_test=limit_test,
         val_split=val_split,
         batch_size=options.get("batch_size") or 128,
         workers=options.get("workers"),
