@@ -2,7 +2,10 @@
 
 A run folder holds `model.safetensors` (weights only, nothing executable),
 `model.json` (how to rebuild and preprocess the model), `metrics.jsonl` and, for
-training, `training_state.pt`. Loading is strict: a missing, truncated, unsafe or
+training, `training_state.pt`. A binary layer (see sdprune.binarize) is stored
+as packed sign bits and one alpha per output channel, model.json lists it under
+"binary_layers", and its latent float weights live only in the training state,
+which resuming needs. Loading is strict: a missing, truncated, unsafe or
 foreign file raises RunFolderError naming the file.
 """
 
@@ -19,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sdprune import atomic
+from sdprune.binarize import binarize_layers, binary_layer_names, pack_binary_state, unpack_binary_state
 from sdprune.errors import InvalidValueError, RunFolderError
 from sdprune.resnet import BlockSpec, CifarResNet
 
@@ -56,6 +60,7 @@ def describe_model(model: CifarResNet) -> dict[str, Any]:
         "blocks": [spec.to_dict() for spec in model.specs],
         "kept_blocks": model.kept_indices,
         "removed_blocks": [spec.index for spec in model.specs if not spec.kept],
+        "binary_layers": binary_layer_names(model),
     }
 
 
@@ -72,7 +77,7 @@ def save_run(folder: str | Path, model: CifarResNet, config: dict[str, Any]) -> 
     document["arch"] = config.get("arch") or document["arch"]
 
     # safetensors refuses tensors that share memory; state_dict tensors of this model do not.
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in pack_binary_state(model).items()}
     atomic.write_with(folder / WEIGHTS_FILE, lambda path: save_file(tensors, str(path), metadata={"format": RUN_FORMAT}))
     atomic.write_json(folder / CONFIG_FILE, document)
 
@@ -108,6 +113,14 @@ def build_from_config(config: dict[str, Any]) -> CifarResNet:
     except (KeyError, TypeError, ValueError) as error:
         raise RunFolderError(f"model.json describes no valid network: {error}") from error
     model.arch = config.get("arch")
+
+    binary_layers = config.get("binary_layers") or []
+    if not isinstance(binary_layers, list) or not all(isinstance(name, str) for name in binary_layers):
+        raise RunFolderError(f"model.json: binary_layers must be a list of layer names, got {binary_layers!r}")
+    try:
+        binarize_layers(model, binary_layers)
+    except ValueError as error:
+        raise RunFolderError(f"model.json lists an invalid binary layer: {error}") from error
     return model
 
 
@@ -119,6 +132,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise RunFolderError(f"{path} is not a readable safetensors file ({error}): it is truncated or corrupt") from error
+    try:
+        tensors = unpack_binary_state(model, tensors)
+    except ValueError as error:
+        raise RunFolderError(
+            f"{path} holds invalid binary weights ({error}): the file is corrupt or belongs to another model"
+        ) from error
 
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
