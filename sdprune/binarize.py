@@ -280,7 +280,9 @@ def model_size_bytes(model: nn.Module) -> dict:
             binary_parameters += count
         else:
             stored = 4 * count
-        layers.append({"name": name, "type": type(module).__name__, "binary": binary,
+        # parametrize swaps in a subclass named Parametrized...; report the layer type itself.
+        layer_type = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
+        layers.append({"name": name, "type": layer_type, "binary": binary,
                        "weights": count, "bytes": stored})
 
     parameters = sum(parameter.numel() for parameter in model.parameters())

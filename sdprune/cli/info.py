@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from sdprune.binarize import model_size_bytes
 from sdprune.cli.common import print_json, run_folder_argument
 from sdprune.resnet import count_macs, count_parameters
 from sdprune.runs import load_run
@@ -22,6 +23,7 @@ def describe(run) -> dict:
         "blocks": [spec.to_dict() for spec in model.specs],
         "parent": run.config.get("parent"),
         "training": run.config.get("training"),
+        "size": model_size_bytes(model),
     }
 
 
@@ -43,3 +45,12 @@ def info(run, as_json) -> None:
         channels = f"{block['in_channels']}->{block['out_channels']}"
         click.echo(f"{block['index']:>5} {block['stage']:>5} {channels:>10} {block['stride']:>6} "
                    f"{block['survival_prob']:>6.3f} {'yes' if block['kept'] else 'no':>5}")
+
+    size = summary["size"]
+    binary_layers = sum(layer["binary"] for layer in size["layers"])
+    click.echo(f"weights {size['float32_bytes']:,} bytes in float32, {size['packed_bytes']:,} bytes with binary "
+               f"weights at 1 bit ({binary_layers} of {len(size['layers'])} layers binary)")
+    click.echo(f"{'layer':<22} {'type':<7} {'weights':>8} {'kind':<6} {'bytes':>8}")
+    for layer in size["layers"]:
+        kind = "binary" if layer["binary"] else "float"
+        click.echo(f"{layer['name']:<22} {layer['type']:<7} {layer['weights']:>8} {kind:<6} {layer['bytes']:>8}")
