@@ -9,6 +9,7 @@ download.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -246,9 +247,9 @@ def _load_image_folder(config: DataConfig):
         raise InvalidValueError(
             f"--data-dir {root} must contain train/ and test/ (or val/) folders of class subfolders"
         )
-    probe = _open_image_folder(train_root)
-    mean, std, shape = _image_folder_statistics(probe)
-    return root, train_root, test_root, probe.classes, mean, std, shape
+    train_folder = _open_image_folder(train_root)
+    mean, std, shape = _image_folder_statistics(train_folder)
+    return train_folder, test_root, mean, std, shape
 
 
 def _torchvision_set(name: str, root: str, train: bool, transform, download: bool) -> Dataset:
@@ -298,14 +299,16 @@ def load_data(config: DataConfig) -> DataBundle:
                           [1, 8, 8], augment=False, config=config)
 
     if config.dataset == "imagefolder":
-        _, train_root, test_root, classes, mean, std, shape = _load_image_folder(config)
+        train_full, test_root, mean, std, shape = _load_image_folder(config)
+        classes = train_full.classes
         training, plain = _image_transforms(shape[1:], mean, std, augment=True, flip=True, resize=True)
-        train_full = _open_image_folder(train_root, training)
-        train_plain_full = _open_image_folder(train_root, plain)
+        # Scanning 50,000 files takes seconds, so the plain view shares the scanned file list.
+        train_plain_full = copy.copy(train_full)
+        train_full.transform, train_plain_full.transform = training, plain
         test_full = _open_image_folder(test_root, plain)
         if test_full.classes != classes:
             raise DataError(
-                f"{test_root} has classes {test_full.classes}, but {train_root} has {classes}: "
+                f"{test_root} has classes {test_full.classes}, but {train_full.root} has {classes}: "
                 "both need the same class folders"
             )
         train, train_plain, val, test = _split(train_full, train_plain_full, test_full, config)

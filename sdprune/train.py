@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from sdprune import atomic, distributed, runs
@@ -174,14 +175,21 @@ class Trainer:
         self.device = device
         self.quiet = quiet
         self.on_epoch = on_epoch or (lambda metrics: None)
+        if config.sync_bn and device.type != "cuda" and distributed.launched_by_torchrun():
+            raise InvalidValueError("--sync-bn needs CUDA devices because PyTorch's SyncBatchNorm does not run "
+                                    "on the CPU: drop --sync-bn or train on GPUs")
         self.context = distributed.initialize(device)
         if self.context.distributed and device.type == "cuda":
             self.device = device = torch.device("cuda", self.context.local_rank)
-            torch.cuda.set_device(device)
+        if config.sync_bn and not self.context.distributed:
+            logger.warning("--sync-bn has no effect in a single process; it applies under torchrun")
 
         torch.manual_seed(config.seed)
         self.bundle = load_data(data_config)
         if model is None:
+            # Seeding again here makes the initial weights depend on arch and seed alone,
+            # whatever random numbers loading the data consumed.
+            torch.manual_seed(config.seed)
             model = build_model(config.arch, len(self.bundle.classes), self.bundle.input_shape[0],
                                 config.survival_rule, config.survival_last)
         self.check_model_matches_data(model)
@@ -192,12 +200,15 @@ class Trainer:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             self.model = self.model.to(memory_format=torch.channels_last)
+        if config.sync_bn and self.context.distributed:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if config.compile:
             # Compiling each branch, not the gated forward, keeps the per-step gate
             # decision in plain Python, so a skipped block still costs nothing.
+            # Module.compile works in place, so state_dict keys keep their names.
             for block in self.model.blocks:
                 if block.branch is not None:
-                    block.branch = torch.compile(block.branch)
+                    block.branch.compile()
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=config.lr, momentum=config.momentum,
             weight_decay=config.weight_decay, nesterov=config.nesterov and config.momentum > 0,
@@ -205,8 +216,6 @@ class Trainer:
         self.autocast, self.scaler = mixed_precision(device)
         self.network: nn.Module = self.model
         if self.context.distributed:
-            if config.sync_bn:
-                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             # Every rank draws the same gates, so the set of unused parameters is the
             # same on all ranks; DDP still needs to be told that some may be unused.
             self.network = DistributedDataParallel(
@@ -215,6 +224,9 @@ class Trainer:
                 find_unused_parameters=True,
             )
         self.start_epoch = 0
+        self.shuffle_generator = torch.Generator()
+        self.train_loader: DataLoader | None = None
+        self.parameters_digest: bytes | None = None
 
     def check_model_matches_data(self, model: CifarResNet) -> None:
         if model.num_classes != len(self.bundle.classes):
@@ -240,23 +252,39 @@ class Trainer:
             raise RunFolderError(f"{self.out / runs.STATE_FILE} does not match this model: {error}") from error
         self.start_epoch = int(state["epoch"])
 
+        # A process killed while writing leaves its temporary file behind; the final files are intact.
+        if self.context.is_main:
+            for leftover in self.out.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
+
         # Drop metrics of an epoch that finished after the last saved state.
         if self.context.is_main:
             kept = [line for line in runs.read_metrics(self.out) if line["epoch"] <= self.start_epoch]
             atomic.write_text(self.out / runs.METRICS_FILE, "".join(json.dumps(line) + "\n" for line in kept))
 
+    def training_loader(self) -> DataLoader:
+        """Return the training loader, built on first use and kept, so persistent workers outlive an epoch."""
+        if self.train_loader is None:
+            if self.context.distributed:
+                sampler = DistributedSampler(self.bundle.train, num_replicas=self.context.world_size,
+                                             rank=self.context.rank, shuffle=True, seed=self.config.seed)
+            else:
+                sampler = RandomSampler(self.bundle.train, generator=self.shuffle_generator)
+            self.train_loader = self.bundle.loader(
+                "train", sampler=sampler, generator=torch.Generator().manual_seed(self.config.seed),
+                pin_memory=self.device.type == "cuda",
+            )
+        return self.train_loader
+
     def train_epoch(self, epoch: int) -> tuple[float, float, float]:
         """Run one epoch; return mean loss, accuracy and mean blocks run per step."""
         self.network.train()
-        sampler = None
-        if self.context.distributed:
-            sampler = DistributedSampler(self.bundle.train, num_replicas=self.context.world_size,
-                                         rank=self.context.rank, shuffle=True, seed=self.config.seed)
-            sampler.set_epoch(epoch)
+        loader = self.training_loader()
         # Seeding the shuffle per epoch makes a resumed run see the same order.
-        generator = torch.Generator().manual_seed(self.config.seed * 10_007 + epoch)
-        loader = self.bundle.loader("train", shuffle=True, generator=generator, sampler=sampler,
-                                    pin_memory=self.device.type == "cuda")
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        else:
+            self.shuffle_generator.manual_seed(self.config.seed * 10_007 + epoch)
         steps = len(loader)
         survival = self.model.survival
 
@@ -275,9 +303,10 @@ class Trainer:
                 logits = self.network(inputs, gates=gates)
                 loss = F.cross_entropy(logits.float(), targets)
             if not torch.isfinite(loss):
+                kept = f"epoch {epoch} is kept in {self.out}" if epoch else "no epoch had finished, so nothing was saved"
                 raise TrainingDivergedError(
                     f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                    f"the last finished epoch ({epoch}) is kept in {self.out}: lower --lr and train again"
+                    f"{kept}: lower --lr and train again"
                 )
 
             self.optimizer.zero_grad(set_to_none=True)
@@ -310,6 +339,7 @@ class Trainer:
             "test_loss": last.test_loss,
             "val_accuracy": last.val_accuracy,
             "seconds": seconds,
+            "parameters_sha256": self.parameters_digest.hex() if self.parameters_digest else None,
             "world_size": self.context.world_size,
             "global_batch_size": self.data_config.batch_size * self.context.world_size,
             "config": asdict(self.config),
@@ -334,8 +364,9 @@ class Trainer:
         """Train from `start_epoch` to the configured number of epochs."""
         history: list[EpochMetrics] = []
         total_seconds = 0.0
-        test_loader = self.bundle.loader("test")
-        val_loader = self.bundle.loader("val") if self.bundle.val is not None else None
+        pin_memory = self.device.type == "cuda"
+        test_loader = self.bundle.loader("test", pin_memory=pin_memory)
+        val_loader = self.bundle.loader("val", pin_memory=pin_memory) if self.bundle.val is not None else None
         for epoch in range(self.start_epoch, self.config.epochs):
             lr = learning_rate(self.config, epoch)
             for group in self.optimizer.param_groups:
@@ -346,6 +377,8 @@ class Trainer:
             seconds = time.perf_counter() - started
             total_seconds += seconds
 
+            # Checked every epoch, so a run whose replicas drifted apart is never saved.
+            self.parameters_digest = distributed.check_replicas_agree(self.model, self.context, self.device)
             test = evaluate(self.model, test_loader, self.device)
             val = evaluate(self.model, val_loader, self.device) if val_loader is not None else None
             metrics = EpochMetrics(
