@@ -8,11 +8,11 @@ this as a `torch.nn.utils.parametrize` parametrization, so a binarized layer's
 latent float weights (`parametrizations.weight.original`), and each forward
 binarizes them again.
 
-Stored form, used by run folders: for a kernel of shape (out, ...) with n
-values per output channel, the signs are packed row by row into a uint8 tensor
-of shape (out, ceil(n / 8)) by `numpy.packbits` (most significant bit first,
-bit 1 for +alpha, zero padding at the end of a row), and alpha is a float32
-tensor of shape (out,).
+Run folders store a binary kernel of shape (out, ...), with n values per
+output channel, as two tensors. The signs are packed by `numpy.packbits` into
+a uint8 tensor of shape (out, ceil(n / 8)), one row per output channel, most
+significant bit first, bit 1 for +alpha, and zero bits padding each row. Alpha
+is a float32 tensor of shape (out,).
 """
 
 from __future__ import annotations
@@ -49,27 +49,25 @@ def binary_scale(weight: torch.Tensor) -> torch.Tensor:
 def binary_signs(weight: torch.Tensor) -> torch.Tensor:
     """Return +1 where W >= 0 and -1 elsewhere, in the weight's dtype.
 
-    Zero maps to +1, unlike `torch.sign`, so every binary kernel holds only +-alpha.
+    Zero maps to +1, unlike `torch.sign`, so a binary kernel contains only +-alpha.
     """
     return torch.where(weight >= 0, 1.0, -1.0).to(weight.dtype)
 
 
 class BinarizeFunction(torch.autograd.Function):
-    """sign(W) * alpha forward, the straight-through estimator backward.
+    """Binary kernel sign(W) * alpha forward, straight-through estimator backward.
 
-    With g the gradient of the binary kernel, s = sign(W), alpha = mean |W| and
-    n values per output channel, the backward returns
+    With g the gradient of the binary kernel, s = sign(W) and alpha = mean |W|,
+    the backward returns, per output channel,
 
         alpha * g * [|W| <= 1]  +  s * mean(g * s)
 
-    per output channel. The first term passes g through sign as if it were
-    the identity clipped to [-1, 1] (Hubara et al. 2016), scaled by alpha, so
-    it vanishes where |W| > 1. The second term is the exact gradient through
-    alpha, since d alpha / d W = s / n. The update formula printed in XNOR-Net,
-    g * (1/n + alpha * [|W| <= 1]), instead uses each value's own g for the
-    alpha part, which is not the derivative of alpha; the exact term is used
-    here. Where batch norm follows the layer in training mode, the output does
-    not depend on a channel's scale, so the second term is close to zero.
+    The first term is the straight-through estimator of BinaryNet (Hubara et
+    al. 2016): g passes through sign as through the identity clipped to
+    [-1, 1], so it is zero where |W| > 1. The second term is the exact gradient
+    through alpha, because d alpha / d W = s / n for n values per channel, so
+    it is not clipped. Where batch norm in training mode follows the layer, the
+    loss does not depend on a channel's scale, and this term is close to zero.
     """
 
     @staticmethod
@@ -157,9 +155,11 @@ def binarize_layers(model: nn.Module, names: Iterable[str]) -> list[str]:
 def binarize_model(model: nn.Module, include_first_and_last: bool = False) -> list[str]:
     """Binarize every Conv2d inside the residual branches of a CifarResNet in place.
 
-    The stem convolution and the classifier stay in floating point, as in the
-    XNOR-Net code, unless `include_first_and_last` is set. Returns the names of
-    all binary layers. Batch-norm statistics are not re-estimated here.
+    The stem convolution and the classifier stay in floating point unless
+    `include_first_and_last` is set: they hold under 1% of a CIFAR ResNet's
+    weights. Returns the names of all binary layers. Batch-norm running
+    statistics still fit the float kernels afterwards, so recalibrate them
+    before evaluating.
     """
     return binarize_layers(model, branch_layer_names(model, include_first_and_last))
 
@@ -208,7 +208,7 @@ def unpack_signs(bits: torch.Tensor, alpha: torch.Tensor, shape: Iterable[int]) 
             f"got {str(alpha.dtype).removeprefix('torch.')} of shape {list(alpha.shape)}"
         )
     if not bool(torch.isfinite(alpha).all()) or bool((alpha < 0).any()):
-        raise ValueError("alpha holds negative, infinite or NaN values")
+        raise ValueError("alpha contains negative, infinite or NaN values")
 
     positive = numpy.unpackbits(bits.cpu().numpy(), axis=1, count=values)
     signs = torch.from_numpy(positive.astype(numpy.float32)).mul_(2).sub_(1).to(alpha.dtype)
@@ -218,9 +218,9 @@ def unpack_signs(bits: torch.Tensor, alpha: torch.Tensor, shape: Iterable[int]) 
 def pack_binary_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Return `model.state_dict()` with each binary layer's latent weight stored packed.
 
-    The key `<layer>.parametrizations.weight.original` of each binary layer is
+    Each binary layer's key `<layer>.parametrizations.weight.original` is
     replaced by `<layer>.weight_sign_bits` (uint8) and `<layer>.weight_alpha`
-    (one value per output channel); all other entries are left as they are.
+    (one value per output channel). All other entries stay as they are.
     """
     tensors = dict(model.state_dict())
     for name in binary_layer_names(model):
@@ -258,10 +258,10 @@ def model_size_bytes(model: nn.Module) -> dict:
     """Measure the parameter storage of `model` in float32 and with 1-bit binary weights.
 
     Counts parameters only (buffers such as batch-norm running statistics are
-    left out, since export folds them into the layers). `float32_bytes` takes
-    4 bytes per parameter; `packed_bytes` stores each binary layer's weight as
-    packed sign bits (a row of whole bytes per output channel) plus a float32
-    alpha per output channel, and everything else in float32. `layers` lists
+    left out, since export folds them into the layers). `float32_bytes` counts
+    4 bytes per parameter. `packed_bytes` counts each binary layer's weight as
+    its packed sign bits (whole bytes per output channel) and a float32 alpha
+    per output channel, and every other parameter as float32. `layers` lists
     each Conv2d and Linear with its weight count, whether it is binary and its
     weight's bytes in the packed form.
     """
@@ -280,7 +280,7 @@ def model_size_bytes(model: nn.Module) -> dict:
             binary_parameters += count
         else:
             stored = 4 * count
-        # parametrize swaps in a subclass named Parametrized...; report the layer type itself.
+        # parametrize swaps in a subclass named ParametrizedConv2d, so report the base type.
         layer_type = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
         layers.append({"name": name, "type": layer_type, "binary": binary,
                        "weights": count, "bytes": stored})

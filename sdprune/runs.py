@@ -116,11 +116,13 @@ def build_from_config(config: dict[str, Any]) -> CifarResNet:
 
     binary_layers = config.get("binary_layers") or []
     if not isinstance(binary_layers, list) or not all(isinstance(name, str) for name in binary_layers):
-        raise RunFolderError(f"model.json: binary_layers must be a list of layer names, got {binary_layers!r}")
+        raise RunFolderError(
+            f"model.json: binary_layers must be a list of layer names, got {binary_layers!r}: the file is corrupt"
+        )
     try:
         binarize_layers(model, binary_layers)
     except ValueError as error:
-        raise RunFolderError(f"model.json lists an invalid binary layer: {error}") from error
+        raise RunFolderError(f"model.json lists an invalid binary layer ({error}): the file is corrupt") from error
     return model
 
 
@@ -136,7 +138,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         tensors = unpack_binary_state(model, tensors)
     except ValueError as error:
         raise RunFolderError(
-            f"{path} holds invalid binary weights ({error}): the file is corrupt or belongs to another model"
+            f"{path} contains invalid binary weights ({error}): the file is corrupt or belongs to another model"
         ) from error
 
     expected = model.state_dict()

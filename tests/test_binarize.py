@@ -338,7 +338,7 @@ def test_info_reports_corrupt_binary_run_in_one_line(tmp_path):
     CORRUPTIONS["negative alpha"][0](tmp_path)
     result = CliRunner().invoke(main, ["info", str(tmp_path)])
     assert result.exit_code == 1
-    assert "holds invalid binary weights" in result.output
+    assert "contains invalid binary weights" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert "Traceback" not in result.output
 
