@@ -23,3 +23,7 @@ class DataError(SdpruneError):
 
 class TrainingDivergedError(SdpruneError):
     """The training loss became NaN or infinite."""
+
+
+class ReplicaMismatchError(SdpruneError):
+    """DDP processes ended a step of training with different weights."""

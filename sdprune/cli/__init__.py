@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from sdprune import __version__
+from sdprune.cli.benchmark import benchmark
 from sdprune.cli.common import Group
 from sdprune.cli.evaluate import evaluate
 from sdprune.cli.info import info
@@ -20,3 +21,4 @@ def main() -> None:
 main.add_command(train)
 main.add_command(evaluate)
 main.add_command(info)
+main.add_command(benchmark)

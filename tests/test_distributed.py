@@ -1,0 +1,151 @@
+"""DDP under torchrun: two CPU ranks (gloo) train resnet20 on a small CIFAR-10 subset."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sdprune.cli import main
+from sdprune.depth import draw_gates, gate_generator, survival_probabilities
+from sdprune.distributed import parameter_digest
+from sdprune.resnet import build_model
+from sdprune.runs import CONFIG_FILE, METRICS_FILE, STATE_FILE, WEIGHTS_FILE, load_run
+
+RANKS = 2
+BATCH_SIZE = 32
+TRAIN_IMAGES = 256
+TEST_IMAGES = 64
+SURVIVAL_LAST = 0.1
+# DistributedSampler gives each rank TRAIN_IMAGES / RANKS images.
+STEPS = TRAIN_IMAGES // RANKS // BATCH_SIZE
+BLOCKS = 9
+
+
+def gate_history(seed: int) -> list[list[bool]]:
+    """Return the gates of every step of the one-epoch run, as training draws them."""
+    survival = torch.tensor(survival_probabilities("linear", BLOCKS, SURVIVAL_LAST))
+    return [draw_gates(survival, gate_generator(seed, step)) for step in range(STEPS)]
+
+
+def pick_seed() -> int:
+    """Return the first seed under which some block's gate is closed at every step."""
+    for seed in range(100):
+        if any(not any(gates[position] for gates in gate_history(seed)) for position in range(BLOCKS)):
+            return seed
+    raise AssertionError("no seed in 0..99 closes a block at every step")
+
+
+SEED = pick_seed()
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, cifar10_jpg) -> tuple[Path, subprocess.CompletedProcess]:
+    folder = tmp_path_factory.mktemp("ddp") / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS),
+        "-m", "sdprune", "train", "--dataset", "imagefolder", "--data-dir", str(cifar10_jpg),
+        "--limit-train", str(TRAIN_IMAGES), "--limit-test", str(TEST_IMAGES), "--batch-size", str(BATCH_SIZE),
+        "--arch", "resnet20", "--survival-last", str(SURVIVAL_LAST), "--epochs", "1", "--seed", str(SEED),
+        "--workers", "0", "--device", "cpu", "--out", str(folder),
+    ]
+    # One thread per rank keeps two ranks from fighting over the cores.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    environment.pop("WORLD_SIZE", None)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return folder, result
+
+
+def test_ranks_end_with_identical_weights(ddp_run):
+    folder, _ = ddp_run
+    training = json.loads((folder / CONFIG_FILE).read_text())["training"]
+    assert training["world_size"] == RANKS
+    # Training compares every rank's parameter digest after each epoch and fails on a
+    # difference. The digest it recorded must be the digest of the saved weights.
+    assert training["parameters_sha256"] == parameter_digest(load_run(folder).model).hex()
+
+
+def test_run_folder_complete(ddp_run):
+    folder, result = ddp_run
+    for name in (CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, STATE_FILE):
+        assert (folder / name).is_file(), name
+    assert not list(folder.glob(".*.tmp"))
+    metrics = [json.loads(line) for line in (folder / METRICS_FILE).read_text().splitlines()]
+    assert [line["epoch"] for line in metrics] == [1]
+    training = json.loads((folder / CONFIG_FILE).read_text())["training"]
+    assert training["global_batch_size"] == BATCH_SIZE * RANKS
+    assert training["finished"]
+
+
+def test_log_states_global_batch_once(ddp_run):
+    _, result = ddp_run
+    assert f"global batch {BATCH_SIZE * RANKS} ({BATCH_SIZE} x {RANKS} processes)" in result.stdout
+    # Only rank 0 prints.
+    assert result.stdout.count("global batch") == 1
+    assert result.stdout.count("wrote ") == 1
+
+
+def test_evaluate_reads_ddp_run(ddp_run):
+    folder, _ = ddp_run
+    result = CliRunner().invoke(main, ["evaluate", str(folder), "--device", "cpu", "--workers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads(result.output)
+    assert evaluation["images"] == TEST_IMAGES
+    assert 0.0 <= evaluation["accuracy"] <= 1.0
+
+
+def test_always_skipped_block_unchanged(ddp_run):
+    folder, _ = ddp_run
+    history = gate_history(SEED)
+    never_run = [position for position in range(BLOCKS) if not any(gates[position] for gates in history)]
+    ran = [position for position in range(BLOCKS) if any(gates[position] for gates in history)]
+    assert never_run and ran
+
+    torch.manual_seed(SEED)
+    initial = build_model("resnet20", 10, 3, "linear", SURVIVAL_LAST).state_dict()
+    trained = load_run(folder).model.state_dict()
+    for position in never_run:
+        names = [name for name in initial if name.startswith(f"blocks.{position}.")]
+        assert names
+        for name in names:
+            # With weight decay and momentum, any optimizer update would move these bits.
+            assert torch.equal(trained[name], initial[name]), f"{name} changed though block {position + 1} never ran"
+    for position in ran:
+        name = f"blocks.{position}.branch.0.weight"
+        assert not torch.equal(trained[name], initial[name]), f"{name} did not change though block {position + 1} ran"
+
+
+def test_sync_bn_on_cpu_under_torchrun_rejected(tmp_path):
+    result = CliRunner().invoke(
+        main, ["train", "--sync-bn", "--device", "cpu", "--epochs", "1", "--out", str(tmp_path / "run")],
+        env={"WORLD_SIZE": "2"},
+    )
+    assert result.exit_code == 2
+    assert "--sync-bn needs CUDA" in result.output
+
+
+def test_compile_keeps_weight_names(tmp_path):
+    from sdprune.data import DataConfig
+    from sdprune.train import TrainConfig, Trainer
+
+    data = DataConfig(limit_train=64, limit_test=32)
+    plain = Trainer(TrainConfig(epochs=1), data, tmp_path / "plain", torch.device("cpu"), quiet=True)
+    compiled = Trainer(TrainConfig(epochs=1, compile=True), data, tmp_path / "compiled", torch.device("cpu"), quiet=True)
+    assert list(compiled.model.state_dict()) == list(plain.model.state_dict())
+
+
+def test_parameter_digest_sees_one_bit():
+    model = build_model("resnet20")
+    before = parameter_digest(model)
+    assert parameter_digest(model) == before
+    with torch.no_grad():
+        weight = model.classifier.bias
+        weight[0] = torch.nextafter(weight[0], torch.tensor(1.0))
+    assert parameter_digest(model) != before
