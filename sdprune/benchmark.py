@@ -270,13 +270,44 @@ def time_call(function: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - started
 
 
+class BlockProbe:
+    """One block fed the activation it receives in the network, ready to time with and without its branch."""
+
+    def __init__(self, block: nn.Module, block_input: torch.Tensor, device: torch.device) -> None:
+        self.block = block
+        self.device = device
+        self.input = block_input.detach().requires_grad_(True)
+        self.optimizer = make_optimizer(block.branch.parameters())
+        self.autocast, _ = mixed_precision(device)
+        with torch.no_grad(), self.autocast:
+            self.output_gradient = torch.randn_like(block(self.input))
+
+    def run_block(self) -> None:
+        """Run the whole block's forward and backward, and the optimizer step on its branch."""
+        with self.autocast:
+            output = F.relu(self.block.shortcut(self.input) + self.block.branch(self.input))
+        output.backward(self.output_gradient)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.input.grad = None
+
+    def run_shortcut(self) -> None:
+        """Run the shortcut's forward and backward, which a skipped block still costs."""
+        with self.autocast:
+            output = self.block.shortcut(self.input)
+        output.backward(self.output_gradient)
+        self.input.grad = None
+
+
 def measure_branch_seconds(model: CifarResNet, inputs: torch.Tensor, repeats: int,
                            device: torch.device) -> list[float]:
     """Time each block's branch in isolation: forward, backward and its optimizer step.
 
     Each block runs on the activation it receives in the network. Its branch time is
     the median time of the whole block minus the median time of its shortcut alone,
-    so it is the time a closed gate can save. Returns 0 for a pruned block.
+    so it is the time a closed gate can save. Returns 0 for a pruned block. Every
+    repeat visits all blocks in turn, so a change in background load spreads over
+    all of them instead of skewing a few.
     """
     model = copy.deepcopy(model).train()
     autocast, _ = mixed_precision(device)
@@ -287,37 +318,25 @@ def measure_branch_seconds(model: CifarResNet, inputs: torch.Tensor, repeats: in
             block_inputs.append(x)
             x = block(x)
 
+    probes = {position: BlockProbe(block, block_inputs[position], device)
+              for position, block in enumerate(model.blocks) if block.branch is not None}
+    for probe in probes.values():
+        probe.run_block()
+        probe.run_shortcut()
+
+    whole: dict[int, list[float]] = {position: [] for position in probes}
+    shortcut: dict[int, list[float]] = {position: [] for position in probes}
+    for _ in range(repeats):
+        for position, probe in probes.items():
+            whole[position].append(time_call(probe.run_block, device))
+            shortcut[position].append(time_call(probe.run_shortcut, device))
+
     seconds = []
-    for block, block_input in zip(model.blocks, block_inputs):
-        if block.branch is None:
+    for position in range(len(model.blocks)):
+        if position not in probes:
             seconds.append(0.0)
             continue
-        x = block_input.detach().requires_grad_(True)
-        optimizer = make_optimizer(block.branch.parameters())
-        with torch.no_grad(), autocast:
-            output_gradient = torch.randn_like(block(x))
-
-        def run_block() -> None:
-            with autocast:
-                output = F.relu(block.shortcut(x) + block.branch(x))
-            output.backward(output_gradient)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            x.grad = None
-
-        def run_shortcut() -> None:
-            with autocast:
-                output = block.shortcut(x)
-            output.backward(output_gradient)
-            x.grad = None
-
-        run_block()
-        run_shortcut()
-        whole, shortcut = [], []
-        for _ in range(repeats):
-            whole.append(time_call(run_block, device))
-            shortcut.append(time_call(run_shortcut, device))
-        seconds.append(max(statistics.median(whole) - statistics.median(shortcut), 0.0))
+        seconds.append(max(statistics.median(whole[position]) - statistics.median(shortcut[position]), 0.0))
     return seconds
 
 

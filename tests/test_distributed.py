@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,21 +46,29 @@ def pick_seed() -> int:
 SEED = pick_seed()
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, cifar10_jpg) -> tuple[Path, subprocess.CompletedProcess]:
-    folder = tmp_path_factory.mktemp("ddp") / "run"
+def torchrun_train(arguments: list[str]) -> subprocess.CompletedProcess:
+    """Run `sdprune train` in RANKS CPU processes under torchrun and return the finished process."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS),
-        "-m", "sdprune", "train", "--dataset", "imagefolder", "--data-dir", str(cifar10_jpg),
-        "--limit-train", str(TRAIN_IMAGES), "--limit-test", str(TEST_IMAGES), "--batch-size", str(BATCH_SIZE),
-        "--arch", "resnet20", "--survival-last", str(SURVIVAL_LAST), "--epochs", "1", "--seed", str(SEED),
-        "--workers", "0", "--device", "cpu", "--out", str(folder),
+        "-m", "sdprune", "train", *arguments,
     ]
     # One thread per rank keeps two ranks from fighting over the cores.
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     environment.pop("WORLD_SIZE", None)
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)
     assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, cifar10_jpg) -> tuple[Path, subprocess.CompletedProcess]:
+    folder = tmp_path_factory.mktemp("ddp") / "run"
+    result = torchrun_train([
+        "--dataset", "imagefolder", "--data-dir", str(cifar10_jpg),
+        "--limit-train", str(TRAIN_IMAGES), "--limit-test", str(TEST_IMAGES), "--batch-size", str(BATCH_SIZE),
+        "--arch", "resnet20", "--survival-last", str(SURVIVAL_LAST), "--epochs", "1", "--seed", str(SEED),
+        "--workers", "0", "--device", "cpu", "--out", str(folder),
+    ])
     return folder, result
 
 
@@ -122,6 +131,28 @@ def test_always_skipped_block_unchanged(ddp_run):
         assert not torch.equal(trained[name], initial[name]), f"{name} did not change though block {position + 1} ran"
 
 
+def test_resume_under_torchrun(ddp_run, tmp_path):
+    folder, _ = ddp_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(folder, resumed)
+    # Turn the finished one-epoch run into a two-epoch run stopped after its first epoch.
+    state = torch.load(resumed / STATE_FILE, weights_only=True)
+    train_config = json.loads(state["train_config"])
+    train_config["epochs"] = 2
+    state["train_config"] = json.dumps(train_config)
+    torch.save(state, resumed / STATE_FILE)
+
+    result = torchrun_train(["--resume", str(resumed)])
+    assert result.stdout.count("resuming after epoch 1") == 1
+    metrics = [json.loads(line) for line in (resumed / METRICS_FILE).read_text().splitlines()]
+    assert [line["epoch"] for line in metrics] == [1, 2]
+    training = json.loads((resumed / CONFIG_FILE).read_text())["training"]
+    assert training["epochs_completed"] == 2
+    assert training["world_size"] == RANKS
+    assert training["parameters_sha256"] == parameter_digest(load_run(resumed).model).hex()
+    assert training["parameters_sha256"] != json.loads((folder / CONFIG_FILE).read_text())["training"]["parameters_sha256"]
+
+
 def test_sync_bn_on_cpu_under_torchrun_rejected(tmp_path):
     result = CliRunner().invoke(
         main, ["train", "--sync-bn", "--device", "cpu", "--epochs", "1", "--out", str(tmp_path / "run")],
@@ -136,9 +167,9 @@ def test_compile_keeps_weight_names(tmp_path):
     from sdprune.train import TrainConfig, Trainer
 
     data = DataConfig(limit_train=64, limit_test=32)
-    plain = Trainer(TrainConfig(epochs=1), data, tmp_path / "plain", torch.device("cpu"), quiet=True)
-    compiled = Trainer(TrainConfig(epochs=1, compile=True), data, tmp_path / "compiled", torch.device("cpu"), quiet=True)
-    assert list(compiled.model.state_dict()) == list(plain.model.state_dict())
+    compiled = Trainer(TrainConfig(epochs=1, compile=True), data, tmp_path, torch.device("cpu"), quiet=True)
+    plain = build_model("resnet20", 10, 1)
+    assert list(compiled.model.state_dict()) == list(plain.state_dict())
 
 
 def test_parameter_digest_sees_one_bit():

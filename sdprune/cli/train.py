@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 from pathlib import Path
+from typing import Callable
 
 import click
 
-from sdprune import runs
+from sdprune import distributed, runs
 from sdprune.cli.common import configure_logging, data_options, make_data_config
 from sdprune.data import DataConfig
 from sdprune.depth import SURVIVAL_RULES
@@ -88,12 +89,23 @@ def train(**options) -> None:
             raise InvalidValueError(f"{out} already holds a training run: add --resume {out} or choose another --out")
 
     echo = (lambda text: None) if options["quiet"] else (lambda text: click.echo(text))
-    trainer = Trainer(config, data_config, out, device, quiet=options["quiet"],
-                      on_epoch=lambda metrics: echo(format_epoch(metrics)))
-    if options["resume"] is not None:
+    try:
+        trainer = Trainer(config, data_config, out, device, quiet=options["quiet"],
+                          on_epoch=lambda metrics: echo(format_epoch(metrics)))
+        run_trainer(trainer, resume=options["resume"] is not None, echo=echo)
+    finally:
+        # Leaving the process group explicitly lets NCCL and gloo release their connections cleanly.
+        distributed.shutdown()
+
+
+def run_trainer(trainer: Trainer, resume: bool, echo: Callable[[str], None]) -> None:
+    """Restore a resumed run, state the setup on rank 0, and train to the configured epochs."""
+    config, data_config, out = trainer.config, trainer.data_config, trainer.out
+    if resume:
         trainer.restore()
         if trainer.start_epoch >= config.epochs:
-            echo(f"{out} already finished all {config.epochs} epochs; nothing to do")
+            if trainer.context.is_main:
+                echo(f"{out} already finished all {config.epochs} epochs; nothing to do")
             return
 
     if trainer.context.is_main:
