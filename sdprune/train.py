@@ -302,6 +302,8 @@ class Trainer:
             with self.autocast:
                 logits = self.network(inputs, gates=gates)
                 loss = F.cross_entropy(logits.float(), targets)
+            # NOTE: this check and the .item() calls below wait for the GPU at every step, so the
+            # CPU cannot queue the next step early; what that costs on a fast GPU is not measured.
             if not torch.isfinite(loss):
                 kept = f"epoch {epoch} is kept in {self.out}" if epoch else "no epoch had finished, so nothing was saved"
                 raise TrainingDivergedError(
