@@ -1,0 +1,71 @@
+"""Batch-norm recalibration: re-estimate running statistics after blocks are removed.
+
+Removing a block changes the activations every later batch norm sees, so the
+running means and variances stored during training no longer fit. Recalibration
+passes training images through the network in training mode and stores fresh
+statistics, changing no weight.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from sdprune.depth import draw_gates
+from sdprune.resnet import CifarResNet
+
+
+def batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+
+
+def recalibrate_batch_norm(
+    model: CifarResNet,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    images: int,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> int:
+    """Replace every batch norm's running statistics by their average over `images` training images.
+
+    `batches` yields (images, labels) under the training augmentation. Each
+    batch runs in training mode with one stochastic-depth gate per block drawn
+    from the survival probabilities (from `generator`), so the statistics match
+    the distribution the network was trained under; running the eval-time
+    network on plain images instead was measured to lower accuracy. Each batch
+    norm averages the batches it saw with equal weight (momentum None). No
+    gradient is computed and no weight changes; the model's mode and momenta are
+    restored, and a batch norm that saw no batch keeps its old statistics.
+    Returns the number of images used, fewer than `images` when the batches
+    run out.
+    """
+    layers = batch_norm_layers(model)
+    momenta = [layer.momentum for layer in layers]
+    saved = [{name: buffer.clone() for name, buffer in layer.named_buffers()} for layer in layers]
+    was_training = model.training
+    used = 0
+    try:
+        for layer in layers:
+            layer.reset_running_stats()
+            layer.momentum = None
+        model.train()
+
+        with torch.no_grad():
+            for inputs, _labels in batches:
+                if used >= images:
+                    break
+                inputs = inputs[: images - used].to(device, non_blocking=True)
+                model(inputs, gates=draw_gates(model.survival, generator))
+                used += inputs.shape[0]
+    finally:
+        for layer, momentum, buffers in zip(layers, momenta, saved):
+            layer.momentum = momentum
+            # A layer whose block's gate stayed closed in every batch saw no data; reset
+            # statistics (mean 0, variance 1) would be worse than its trained ones.
+            if int(layer.num_batches_tracked) == 0:
+                for name, buffer in layer.named_buffers():
+                    buffer.copy_(buffers[name])
+        model.train(was_training)
+    return used
