@@ -146,7 +146,7 @@ def plot_depth_curve(path: Path, report: dict[str, Any]) -> None:
 
 
 def write_report(folder: Path, report: dict[str, Any]) -> list[Path]:
-    """Write importance.json, importance.csv and both plots into `folder`; return their paths."""
+    """Write importance.json, importance.csv and both plots into `folder`, and return their paths."""
     folder = Path(folder)
     paths = [folder / JSON_FILE, folder / CSV_FILE, folder / IMPORTANCE_PLOT, folder / CURVE_PLOT]
     write_json(paths[0], report)

@@ -202,7 +202,7 @@ def test_pruned_model_analyzes_kept_blocks_only(batches):
         assert not {2, 4} & set(entry["kept_blocks"])
 
     gates = [True, False, False, False, True]
-    lesioned = direct_evaluation(model, batches, gates)
+    lesioned = direct_evaluation(model.eval(), batches, gates)
     assert report["blocks"][1]["lesion_loss"] == pytest.approx(lesioned.loss, rel=1e-5)
 
 
