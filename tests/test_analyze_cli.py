@@ -83,7 +83,7 @@ def test_analyze_table_and_test_set_warning(analyzed):
 
 
 def test_analyze_json_flag_prints_report(tmp_path):
-    run = make_run(tmp_path / "run")
+    run = make_run(tmp_path / "run", kept_blocks=[1, 4, 7])
     result = invoke("analyze", run, *FAST, "--json", "--quiet", "--out", tmp_path / "out", "--seed", "5")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -93,7 +93,7 @@ def test_analyze_json_flag_prints_report(tmp_path):
 
 
 def test_analyze_uses_validation_split(tmp_path):
-    run = make_run(tmp_path / "run", data={"val_split": 50})
+    run = make_run(tmp_path / "run", kept_blocks=[1, 4, 7], data={"val_split": 50})
     result = invoke("analyze", run, *FAST, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "importance.json").read_text())
