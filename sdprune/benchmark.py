@@ -32,7 +32,7 @@ from sdprune.data import DataBundle
 from sdprune.depth import SURVIVAL_RULES, draw_gates, gate_generator
 from sdprune.errors import InvalidValueError
 from sdprune.resnet import CifarResNet, build_model
-from sdprune.train import mixed_precision
+from sdprune.train import backward_and_step, mixed_precision
 
 MODES = ("constant", "mask", "skip", "shortcuts")
 
@@ -251,14 +251,7 @@ class ModeStep:
         with self.autocast:
             logits = self.forward(step)
             loss = F.cross_entropy(logits.float(), self.targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        backward_and_step(loss, self.optimizer, self.scaler)
 
 
 def time_call(function: Callable[[], Any], device: torch.device) -> float:

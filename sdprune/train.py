@@ -135,6 +135,23 @@ def mixed_precision(device: torch.device) -> tuple[contextlib.AbstractContextMan
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None) -> None:
+    """Backpropagate `loss` and take one optimizer step, through the grad scaler when there is one.
+
+    Gradients are reset to None, not zero, so a block whose gate was closed gets no
+    update at all: SGD skips parameters without a gradient, weight decay and momentum included.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def run_config_document(model: CifarResNet, bundle: DataBundle, config: TrainConfig,
                         data_config: DataConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """Return what model.json records beside the structure."""
@@ -311,14 +328,7 @@ class Trainer:
                     f"{kept}: lower --lr and train again"
                 )
 
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
+            backward_and_step(loss, self.optimizer, self.scaler)
 
             loss_sum += loss.item() * targets.numel()
             correct += (logits.argmax(dim=1) == targets).sum().item()
