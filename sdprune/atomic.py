@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def temporary_path(destination: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `destination`; rename it there on success.
@@ -30,6 +36,8 @@ def temporary_path(destination: str | os.PathLike) -> Iterator[Path]:
         yield temporary
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
+        # mkstemp creates the file readable by its owner only; give it the usual mode.
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, destination)
     finally:
         temporary.unlink(missing_ok=True)

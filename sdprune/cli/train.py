@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import fields
 from pathlib import Path
@@ -28,7 +29,7 @@ def format_epoch(metrics: EpochMetrics) -> str:
     return line + f"  blocks/step {metrics.mean_blocks_run:.2f}  {metrics.seconds:.1f}s"
 
 
-def resumed_configs(folder: Path, device_option: str) -> tuple[TrainConfig, DataConfig]:
+def resumed_configs(folder: Path) -> tuple[TrainConfig, DataConfig]:
     """Read the configs a run was started with from its training state."""
     state = runs.load_training_state(folder)
     try:
@@ -75,7 +76,10 @@ def train(**options) -> None:
 
     if options["resume"] is not None:
         out = options["resume"]
-        config, data_config = resumed_configs(out, options["device"])
+        config, data_config = resumed_configs(out)
+        # Worker count is a property of this machine, not of the run, so it may change on resume.
+        if options["workers"] is not None:
+            data_config = dataclasses.replace(data_config, workers=options["workers"])
     else:
         config = TrainConfig(
             arch=options["arch"], survival_rule=options["survival_rule"], survival_last=options["survival_last"],
