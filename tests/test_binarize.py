@@ -409,3 +409,95 @@ def test_size_of_binary_kernel_bytes_formula():
     binarize_layers(model, ["0"])
     layer = model_size_bytes(model)["layers"][0]
     assert layer["bytes"] == 2 * (math.ceil(45 / 8) + 4)
+
+
+@pytest.fixture(scope="module")
+def digits_parent(tmp_path_factory):
+    """Save an untrained resnet20 for digits as a run folder that reads small data subsets."""
+    folder = tmp_path_factory.mktemp("binarize") / "parent"
+    model = trained_looking(tiny_model())
+    runs.save_run(folder, model, {
+        **RUN_CONFIG,
+        "arch": "resnet20",
+        "data": {"dataset": "digits", "data_dir": None, "val_split": 0, "limit_train": 64, "limit_test": 100},
+    })
+    return folder
+
+
+def prune(*arguments: str):
+    return CliRunner().invoke(main, ["prune", *arguments, "--recalibration-images", "64", "--json"])
+
+
+def test_prune_binarize_without_removing_blocks(digits_parent, tmp_path):
+    out = tmp_path / "binary"
+    result = prune(str(digits_parent), "--out", str(out), "--keep-depth", "9", "--strategy", "last", "--binarize")
+    assert result.exit_code == 0, result.output
+
+    report = json.loads((out / "prune_report.json").read_text())
+    stages = [row["stage"] for row in report["stages"]]
+    assert stages == ["unpruned", "blocks removed", "recalibrated", "binarized", "binarized, recalibrated"]
+    assert report["stages"][3]["packed_bytes"] < report["stages"][2]["packed_bytes"]
+    assert report["stages"][3]["float32_bytes"] == report["stages"][2]["float32_bytes"]
+    assert sum(layer["binary"] for layer in report["size"]["layers"]) == BRANCH_CONVS_RESNET20
+
+    run = runs.load_run(out)
+    assert run.config["binary_layers"] == binary_layer_names(run.model)
+    assert len(run.config["binary_layers"]) == BRANCH_CONVS_RESNET20
+    evaluation = CliRunner().invoke(main, ["evaluate", str(out), "--json"])
+    assert evaluation.exit_code == 0, evaluation.output
+    assert json.loads(evaluation.stdout)["accuracy"] == report["stages"][-1]["test_accuracy"]
+
+
+def test_prune_binarize_all_after_removal(digits_parent, tmp_path):
+    out = tmp_path / "binary"
+    result = prune(str(digits_parent), "--out", str(out), "--keep-depth", "5", "--strategy", "every-other",
+                   "--binarize-all", "--no-recalibrate")
+    assert result.exit_code == 0, result.output
+
+    report = json.loads(result.stdout)
+    assert [row["stage"] for row in report["stages"]] == ["unpruned", "blocks removed", "binarized"]
+    names = runs.load_run(out).config["binary_layers"]
+    assert names[0] == "stem.0"
+    assert names[-1] == "classifier"
+    assert len(names) == 2 * 5 + 2
+
+
+def test_prune_binarized_parent_keeps_binary_layers(digits_parent, tmp_path):
+    binary = tmp_path / "binary"
+    assert prune(str(digits_parent), "--out", str(binary), "--keep-depth", "9", "--strategy", "last",
+                 "--binarize", "--no-recalibrate").exit_code == 0
+
+    out = tmp_path / "pruned"
+    result = prune(str(binary), "--out", str(out), "--keep-depth", "7", "--strategy", "last", "--no-recalibrate")
+    assert result.exit_code == 0, result.output
+
+    parent = runs.load_run(binary).model
+    pruned = runs.load_run(out).model
+    assert len(binary_layer_names(pruned)) == 2 * 7
+    images = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(pruned(images), parent(images, gates=[index <= 7 for index in range(1, 10)]))
+
+
+def test_prune_binarize_finetune_resumes(digits_parent, tmp_path):
+    out = tmp_path / "binary"
+    result = prune(str(digits_parent), "--out", str(out), "--keep-depth", "9", "--strategy", "last",
+                   "--binarize", "--finetune-epochs", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["stages"][-1]["stage"] == "fine-tuned"
+    state = runs.load_training_state(out)
+    assert f"blocks.0.branch.0.{LATENT_KEY}" in state["model"]
+
+    # Ask for a second epoch, as if the first run had been interrupted after one.
+    report["finetuning"]["train_config"]["epochs"] = 2
+    report["finetuning"]["epochs_completed"] = 1
+    (out / "prune_report.json").write_text(json.dumps(report))
+    resumed = CliRunner().invoke(main, ["prune", "--resume", str(out), "--quiet", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [line["epoch"] for line in runs.read_metrics(out)] == [1, 2]
+
+    run = runs.load_run(out)
+    assert len(binary_layer_names(run.model)) == BRANCH_CONVS_RESNET20
+    latent = runs.load_training_state(out)["model"][f"blocks.0.branch.0.{LATENT_KEY}"]
+    assert torch.equal(run.model.blocks[0].branch[0].weight, BinaryWeight()(latent))

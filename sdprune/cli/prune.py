@@ -23,11 +23,11 @@ def format_report(report: dict[str, Any]) -> list[str]:
     lines = [
         f"{report['parent']} -> {report['out']}: strategy {report['strategy']}, "
         f"kept blocks {report['kept_blocks']}, removed {report['removed_blocks'] or 'none'}",
-        f"{'stage':<15} {'blocks':>6} {'params':>10} {'MACs':>12}"
+        f"{'stage':<23} {'blocks':>6} {'params':>10} {'MACs':>12} {'packed bytes':>12}"
         + "".join(f" {split + ' acc':>9} {split + ' loss':>9}" for split in splits),
     ]
     for row in report["stages"]:
-        line = f"{row['stage']:<15} {row['blocks']:>6} {row['params']:>10,} {row['macs']:>12,}"
+        line = f"{row['stage']:<23} {row['blocks']:>6} {row['params']:>10,} {row['macs']:>12,} {row['packed_bytes']:>12,}"
         for split in splits:
             line += f" {row[f'{split}_accuracy']:>9.2%} {row[f'{split}_loss']:>9.4f}"
         lines.append(line)
@@ -58,6 +58,12 @@ def format_report(report: dict[str, Any]) -> list[str]:
               help="Re-estimate batch-norm statistics of the pruned network on augmented training images.")
 @click.option("--recalibration-images", type=int, default=2000, show_default=True,
               help="Training images used for batch-norm recalibration.")
+@click.option("--binarize", is_flag=True,
+              help="After removal and recalibration, turn every convolution of the kept residual branches into "
+                   "a binary-weight convolution (sign(W) times mean |W| per output channel), recalibrate batch norm "
+                   "again, and fine-tune (with --finetune-epochs) through the straight-through estimator.")
+@click.option("--binarize-all", is_flag=True,
+              help="Like --binarize, and binarize the first convolution and the classifier too.")
 @click.option("--finetune-epochs", type=int, default=0, show_default=True,
               help="Epochs of fine-tuning after pruning, with the training loop.")
 @click.option("--finetune-lr", type=float, default=0.01, show_default=True,
@@ -104,6 +110,7 @@ def prune(run, out, resume, device, as_json, quiet, **options) -> None:
             recalibration_images=options["recalibration_images"], finetune_epochs=options["finetune_epochs"],
             finetune_lr=options["finetune_lr"], survival_rule=options["survival_rule"],
             survival_last=options["survival_last"],
+            binarize=options["binarize"] or options["binarize_all"], binarize_all=options["binarize_all"],
         )
         parent = load_run(run, device)
         data_config = make_data_config(options, parent.config)
