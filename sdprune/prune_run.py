@@ -236,8 +236,8 @@ def prune_run(parent: Run, config: PruneConfig, data_config: DataConfig, out: Pa
     """Prune `parent` as `config` says, write the smaller run to `out`, and return the report.
 
     The report (also written to `out`/prune_report.json) lists each stage:
-    unpruned, blocks removed, recalibrated (unless disabled), binarized and
-    binarized and recalibrated (when binarizing), and fine-tuned (when epochs
+    unpruned, blocks removed, recalibrated (unless disabled), `binarized` and
+    `binarized, recalibrated` (when binarizing), and fine-tuned (when epochs
     are given), with blocks, parameters, MACs, sizes and accuracy. Its `size`
     lists each layer of the result as binary or float.
     """
