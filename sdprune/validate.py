@@ -2,7 +2,7 @@
 
 Everything here runs on numpy arrays and onnxruntime sessions and reads the
 model's own metadata, so any exported .onnx or .ort file can be checked without
-its run folder; the PyTorch model enters only as an optional reference function.
+its run folder. The PyTorch model enters only as an optional reference function.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def validate_model(
     """Measure the model at `path` on `batches` of (images float32 NCHW, labels int).
 
     `reference` maps images to the PyTorch model's logits; without it, parity and
-    the accuracy drop are not measured. `data`, if given, holds the data set's
+    the accuracy drop are not measured. `data`, if given, contains the data set's
     classes, input_shape, mean and std, checked against the model's metadata.
     """
     path = Path(path)

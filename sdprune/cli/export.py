@@ -84,7 +84,7 @@ def onnx(run, output, quantize, calibration_images, write_ort, opset, run_valida
     """
     configure_logging(quiet)
     if tolerance is None:
-        # An int8 model cannot match float logits to 1e-4; its accuracy judges it instead.
+        # An int8 model cannot match float logits to 1e-4, so only its accuracy is judged.
         tolerance = None if quantize else 1e-4
     validation = ValidationConfig(tolerance=tolerance, max_accuracy_drop=max_accuracy_drop,
                                   threads=threads, latency_runs=latency_runs)
@@ -108,11 +108,9 @@ def onnx(run, output, quantize, calibration_images, write_ort, opset, run_valida
         return
 
     failures = []
-    reports = []
     for path in written:
         report = validate_model(path, numpy_batches(bundle), validation, torch_reference(loaded), describe_data(bundle))
         report_file = write_report(report)
-        reports.append(report)
         show_report(report, report_file, as_json)
         failures.extend(f"{path}: {failure}" for failure in report.failures)
     if failures:

@@ -74,7 +74,7 @@ def show_report(report: ValidationReport, report_file: Path, as_json: bool) -> N
 def validate(model, tolerance, max_accuracy_drop, threads, latency_runs, as_json, **options) -> None:
     """Check MODEL (.onnx or .ort from sdprune export onnx) with onnxruntime on test data.
 
-    Reads preprocessing and classes from the file's metadata; the run folder
+    Reads preprocessing and classes from the file's metadata. The run folder
     and PyTorch model are not needed, so parity and the accuracy drop are not
     measured. Writes NAME.validation.json beside the model.
     """

@@ -2,9 +2,9 @@
 
 In eval mode a batch norm is an affine map per channel, and the stochastic-depth
 test-time rule multiplies a whole residual branch by its survival probability
-p_l. Both fold into the preceding convolution: for gamma, beta, running mean mu
+p_l. Both fold into the preceding convolution. For gamma, beta, running mean mu
 and variance var, the kernel becomes W * gamma / sqrt(var + eps) and the bias
-beta - mu * gamma / sqrt(var + eps); the branch's last convolution and its bias
+beta - mu * gamma / sqrt(var + eps). The branch's last convolution and its bias
 are then multiplied by p_l. The exported graph therefore holds plain biased
 convolutions, ReLUs, additions, the parameter-free shortcuts and the classifier.
 """
@@ -23,14 +23,14 @@ from sdprune.resnet import CifarResNet, ResidualBlock, TransitionShortcut
 
 @dataclass(frozen=True)
 class FoldedConvSpec:
-    """Where a folded convolution came from and whether its kernel is binary."""
+    """Source module name of a folded convolution, and whether its kernel is binary."""
 
     source: str
     binary: bool
 
 
 def is_binary_kernel(weight: torch.Tensor) -> bool:
-    """Check that every output channel of `weight` holds only +a and -a for one a >= 0.
+    """Check that every output channel of `weight` contains only +a and -a for one a >= 0.
 
     This is the form of a binary-weight convolution, sign(W) * alpha with one
     alpha per output channel, and it survives any per-channel rescaling exactly.
@@ -133,14 +133,6 @@ class FoldedResNet(nn.Module):
             self.classifier.bias.copy_(model.classifier.bias)
         self.eval()
 
-    def convolutions(self) -> list[nn.Conv2d]:
-        """List the folded convolutions in graph order."""
-        layers = [self.stem]
-        for block in self.blocks:
-            if block.conv1 is not None:
-                layers.extend([block.conv1, block.conv2])
-        return layers
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.stem(x))
         for block in self.blocks:
@@ -157,7 +149,7 @@ def weighted_layer_names(model: CifarResNet) -> list[str]:
 def find_binary_layers(model: CifarResNet, listed: list[str] | None = None) -> list[str]:
     """Name the layers whose weights are binary, sign(W) * alpha per output channel.
 
-    `listed` holds the names a run's model.json marks as binary; each must exist
+    `listed` contains the names a run's model.json marks as binary; each must exist
     and be exactly binary. Unlisted layers count as binary when their weights
     are, so runs saved before the list existed still pack.
     """
@@ -172,7 +164,7 @@ def find_binary_layers(model: CifarResNet, listed: list[str] | None = None) -> l
             )
         if not is_binary_kernel(modules[name].weight):
             raise RunFolderError(
-                f"model.json lists {name} as binary, but its weight holds values other than +alpha and "
+                f"model.json lists {name} as binary, but its weight contains values other than +alpha and "
                 "-alpha per output channel: the weights are corrupt or not binarized"
             )
         found.append(name)

@@ -5,7 +5,7 @@ torch.onnx.export: on this project's 2-core CPU the torch.export-based exporter
 took about 40 s for a resnet20 and attached stack traces to every node, and the
 TorchScript exporter is deprecated and names weights `onnx::Conv_254`. The
 network is a fixed, small set of operators, so the emitted graph names each
-weight after the module it came from and holds nothing else. Parity with the
+weight after the module it came from and contains nothing else. Parity with the
 PyTorch model is checked by validation after every export.
 """
 

@@ -22,10 +22,10 @@ class ExportFileError(SdpruneError):
 
 @dataclass(frozen=True)
 class ExportMetadata:
-    """What an exported model needs beside its graph: preprocessing, classes, lineage, sizes.
+    """Metadata an exported model carries beside its graph: preprocessing, classes, lineage, sizes.
 
-    `input_shape` is (C, H, W); inputs are normalized as (pixel / 255 - mean) / std
-    per channel. `precision` is fp32, fp32+binary (packed sign bits) or int8.
+    `input_shape` is (C, H, W). Inputs are normalized per channel as
+    (x - mean) / std, where x is the pixel value scaled to [0, 1]. `precision` is fp32, fp32+binary (packed sign bits) or int8.
     `unpruned_fp32_bytes` is the size of the fp32 export of the unpruned network
     of the same architecture, and `fp32_bytes` that of this run exported in fp32.
     """

@@ -35,7 +35,7 @@ MAX_OPSET = 23
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """Where to write and in which form."""
+    """Output path and form of an export."""
 
     output: Path
     quantize: str | None = None
@@ -134,7 +134,7 @@ def write_onnx(model: onnx.ModelProto, path: Path) -> None:
 def export_run(
     run: Run, config: ExportConfig, calibration_batches: Iterable[np.ndarray] | None = None
 ) -> ExportResult:
-    """Export `run` as `config` says and return the paths written.
+    """Export `run` as `config` specifies and return the paths written.
 
     `calibration_batches` (float32 NCHW arrays of training images) is required
     for int8. A failure leaves no file at the destination.

@@ -3,7 +3,7 @@
 onnxruntime's convert_onnx_models_to_ort script always applies at least basic
 graph optimizations, and their constant folding expands packed binary kernels
 back to float32 before saving. Saving from a session with every optimization
-disabled keeps the graph as exported; the runtime still folds the unpacking
+disabled keeps the graph as exported, and the runtime still folds the unpacking
 subgraph when it loads the .ort file.
 """
 

@@ -44,14 +44,14 @@ class PackedKernel:
 def split_binary_kernel(name: str, kernel: np.ndarray) -> PackedKernel:
     """Split `kernel` (out, ...) into sign bits and one magnitude per output channel.
 
-    Raises InvalidValueError when an output channel holds values other than
+    Raises InvalidValueError when an output channel contains values other than
     +m and -m, because the bits could not reproduce it exactly.
     """
     flat = kernel.reshape(kernel.shape[0], -1)
     magnitudes = np.abs(flat[:, :1])
     if not np.array_equal(np.abs(flat), np.broadcast_to(magnitudes, flat.shape)):
         raise InvalidValueError(
-            f"{name} is not a binary kernel: an output channel holds values other than +m and -m"
+            f"{name} is not a binary kernel: an output channel contains values other than +m and -m"
         )
     # A bit of 1 stands for +m and 0 for -m; a channel with m = 0 rebuilds as zeros either way.
     bits = (flat > 0).reshape(-1)

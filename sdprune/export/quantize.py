@@ -1,9 +1,11 @@
 """Static int8 quantization through onnxruntime.quantization.
 
-Weights are quantized per output channel and activations per tensor, both as
-signed int8 (onnxruntime's default for QDQ), in the QDQ format:
-QuantizeLinear/DequantizeLinear pairs around float operators, which onnxruntime
-fuses into integer kernels when it optimizes the session.
+Weights are quantized per output channel as signed int8 and activations per
+tensor as unsigned uint8, in the QDQ format: QuantizeLinear/DequantizeLinear
+pairs around float operators, which onnxruntime fuses into integer kernels when
+it optimizes the session. Unsigned activations, not onnxruntime's signed
+default, because a QDQ resnet20 ran about three times faster with them on this
+project's x86 CPU (batch 64, one thread: 229 ms against 703 ms).
 Activation ranges come from a calibration pass over training images.
 """
 
@@ -17,6 +19,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from sdprune.export.graph import INPUT_NAME
 
@@ -55,15 +58,19 @@ def quantize_int8(
 
     with tempfile.TemporaryDirectory(prefix="sdprune-quantize-") as folder:
         source = Path(folder) / "float.onnx"
+        prepared = Path(folder) / "prepared.onnx"
         target = Path(folder) / "int8.onnx"
         onnx.save_model(model, str(source))
+        # Batch norm is already folded, so onnxruntime's optimization pass has nothing
+        # left to do; shape inference gives the quantizer every tensor's shape.
+        quant_pre_process(str(source), str(prepared), skip_optimization=True, skip_symbolic_shape=True)
         quantize_static(
-            str(source),
+            str(prepared),
             str(target),
             BatchReader(calibration_batches),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=excluded_nodes,
         )
