@@ -1,11 +1,11 @@
 """Block pruning: which residual blocks to remove, and the smaller network without them.
 
 A strategy turns the blocks a network still has into the set to remove for a
-target depth. Most strategies rank blocks (the analyzer's greedy removal order,
-lesion effect, survival contribution, norm ratio, depth) and remove the first
-ones; `every-other` follows the LayerDrop rule instead (Fan et al. 2019,
-"Reducing Transformer Depth on Demand with Structured Dropout"), which picks
-evenly spaced blocks for each target.
+target depth. Most strategies rank blocks (by the analyzer's greedy removal
+order, lesion effect, survival contribution, norm ratio or depth) and remove
+the first ones. `every-other` instead follows the LayerDrop rule of Fan et al.
+2019, "Reducing Transformer Depth on Demand with Structured Dropout", which
+picks evenly spaced blocks for each target.
 
 The pruned network is the same `CifarResNet` class built from specs whose
 removed blocks have no branch. It copies the kept weights and keeps every kept
@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
+from sdprune.binarize import binarize_layers, binary_layer_names
 from sdprune.depth import survival_probabilities
 from sdprune.errors import InvalidValueError, RunFolderError
 from sdprune.resnet import CifarResNet
@@ -97,7 +98,7 @@ def removal_order(strategy: str, kept: Sequence[int], report: dict[str, Any] | N
 
     entries = report_blocks(report, kept)
     if strategy == "lesion":
-        # Least harmful first: the largest (least negative) accuracy change, then the smallest loss increase.
+        # Least harmful first: the maximum accuracy delta (closest to zero), then the minimum loss delta.
         def key(index: int) -> tuple:
             entry = entries[index]
             return (-_figure(entry, "lesion_accuracy_delta"), _figure(entry, "lesion_loss_delta"), -index)
@@ -113,8 +114,8 @@ def removal_order(strategy: str, kept: Sequence[int], report: dict[str, Any] | N
 def _greedy_order(report: dict[str, Any], kept: Sequence[int]) -> list[int]:
     """Read the analyzer's re-evaluated removal order and check it covers `kept`.
 
-    The analyzer stops at one block, so the order may leave out the last block
-    standing; that block is appended so every strategy returns all of `kept`.
+    The analyzer stops at one block, so its order may leave out the last
+    block. That block is appended, so every strategy returns all of `kept`.
     """
     order = report.get("removal_order")
     if not isinstance(order, list):
@@ -190,6 +191,10 @@ def prune_model(model: CifarResNet, removed: Sequence[int]) -> CifarResNet:
     pruned = CifarResNet(specs, num_classes=model.num_classes, in_channels=model.in_channels)
     pruned.arch = getattr(model, "arch", None)
 
+    # Binary layers of kept blocks stay binary, so their latent weights have somewhere to go.
+    layers = dict(pruned.named_modules())
+    binarize_layers(pruned, [name for name in binary_layer_names(model) if name in layers])
+
     # Block positions are the same in both networks, so the kept weights keep their names.
     names = pruned.state_dict().keys()
     pruned.load_state_dict({name: tensor for name, tensor in model.state_dict().items() if name in names})
@@ -201,9 +206,9 @@ def fold_survival_scaling(model: CifarResNet) -> CifarResNet:
     """Fold each kept block's test-time scaling p_l into its branch and set every p_l to 1, in place.
 
     Multiplying the last batch norm's weight and bias by p_l scales the
-    branch's output by p_l, so the eval-mode network computes the same outputs
-    (up to rounding) with all gates open at scale 1: the network that
-    constant-depth fine-tuning starts from.
+    branch's output by p_l. The eval-mode network then computes the same
+    outputs (up to rounding) with all gates open at scale 1, which is where
+    constant-depth fine-tuning starts.
     """
     with torch.no_grad():
         for block in model.blocks:

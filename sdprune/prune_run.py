@@ -269,6 +269,8 @@ def prune_run(parent: Run, config: PruneConfig, data_config: DataConfig, out: Pa
 
     # Importance, only where the strategy reads it and something may be removed.
     report = None
+    if config.importance is not None and config.strategy not in REPORT_STRATEGIES:
+        logger.warning("--importance is not used: strategy %s does not read an importance report", config.strategy)
     if config.strategy in REPORT_STRATEGIES and depth != len(kept):
         if config.importance is not None:
             report = load_importance(Path(config.importance), model)

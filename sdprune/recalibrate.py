@@ -1,7 +1,8 @@
 """Batch-norm recalibration: re-estimate running statistics after blocks are removed.
 
-Removing a block changes the activations every later batch norm sees, so the
-running means and variances stored during training no longer fit. Recalibration
+Removing a block changes the activations that every later batch norm
+receives, so the running means and variances stored during training no longer
+fit. Recalibration
 passes training images through the network in training mode and stores fresh
 statistics, changing no weight.
 """
@@ -62,8 +63,8 @@ def recalibrate_batch_norm(
     finally:
         for layer, momentum, buffers in zip(layers, momenta, saved):
             layer.momentum = momentum
-            # A layer whose block's gate stayed closed in every batch saw no data; reset
-            # statistics (mean 0, variance 1) would be worse than its trained ones.
+            # A layer whose gate stayed closed in every batch saw no data, and its reset
+            # statistics (mean 0, variance 1) would be worse than the trained ones.
             if int(layer.num_batches_tracked) == 0:
                 for name, buffer in layer.named_buffers():
                     buffer.copy_(buffers[name])

@@ -141,6 +141,19 @@ def test_removed_transition_block_has_no_parameters():
     assert pruned(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
+def test_binary_layers_stay_binary_after_pruning():
+    from sdprune.binarize import binarize_model, binary_layer_names
+
+    model = tiny_model()
+    binarize_model(model)
+    pruned = prune_model(model, [4, 9])
+    images = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(pruned(images), model(images, gates=[index not in (4, 9) for index in ALL_BLOCKS]))
+    assert "blocks.3.branch.0" not in binary_layer_names(pruned)
+    assert len(binary_layer_names(pruned)) == len(binary_layer_names(model)) - 4
+
+
 @pytest.mark.parametrize("removed", [[10], [0], ALL_BLOCKS])
 def test_prune_rejects_invalid_blocks(removed):
     with pytest.raises(InvalidValueError):
