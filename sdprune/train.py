@@ -304,6 +304,8 @@ class Trainer:
             self.shuffle_generator.manual_seed(self.config.seed * 10_007 + epoch)
         steps = len(loader)
         survival = self.model.survival
+        # A pruned block has no branch, so its gate does no work and is not counted as run.
+        kept_blocks = [spec.kept for spec in self.model.specs]
 
         loss_sum = correct = images = blocks_run = 0.0
         batches = progress(loader, steps, f"epoch {epoch + 1}/{self.config.epochs}",
@@ -333,7 +335,7 @@ class Trainer:
             loss_sum += loss.item() * targets.numel()
             correct += (logits.argmax(dim=1) == targets).sum().item()
             images += targets.numel()
-            blocks_run += sum(gates)
+            blocks_run += sum(gate for gate, kept in zip(gates, kept_blocks) if kept)
 
         loss_sum, correct, images = distributed.sum_across_ranks([loss_sum, correct, images], self.context, self.device)
         return loss_sum / max(images, 1), correct / max(images, 1), blocks_run / max(steps, 1)

@@ -8,6 +8,7 @@ from sdprune import __version__
 from sdprune.cli.analyze import analyze
 from sdprune.cli.benchmark import benchmark
 from sdprune.cli.common import Group
+from sdprune.cli.demo import demo
 from sdprune.cli.evaluate import evaluate
 from sdprune.cli.export import export
 from sdprune.cli.info import info
@@ -22,6 +23,7 @@ def main() -> None:
     """Stochastic-depth ResNets: train, measure which blocks matter, prune and export."""
 
 
+main.add_command(demo)
 main.add_command(train)
 main.add_command(evaluate)
 main.add_command(analyze)

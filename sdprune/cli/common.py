@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -138,3 +140,28 @@ def print_json(value: Any) -> None:
 def run_folder_argument(function: Callable) -> Callable:
     return click.argument("run", type=click.Path(path_type=Path))(function)
 
+
+
+# Less free space than this cannot hold even a small run's checkpoint and its temporary copy.
+MINIMUM_FREE_BYTES = 64 * 1024 * 1024
+
+
+def check_writable(path: Path, is_file: bool = False) -> None:
+    """Fail before any work starts when the output location cannot be written.
+
+    Creates the output folder (or the file's folder), writes and removes a probe
+    file, and checks that at least MINIMUM_FREE_BYTES are free there.
+    """
+    folder = Path(path).parent if is_file else Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise InvalidValueError(f"cannot write to {folder} ({error.strerror or error}): choose another output location") from error
+    free = shutil.disk_usage(folder).free
+    if free < MINIMUM_FREE_BYTES:
+        raise InvalidValueError(
+            f"only {free // 1024 ** 2} MiB free under {folder}: free at least {MINIMUM_FREE_BYTES // 1024 ** 2} MiB "
+            "or choose another output location"
+        )

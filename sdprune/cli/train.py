@@ -11,7 +11,7 @@ from typing import Callable
 import click
 
 from sdprune import distributed, runs
-from sdprune.cli.common import configure_logging, data_options, make_data_config
+from sdprune.cli.common import check_writable, configure_logging, data_options, make_data_config
 from sdprune.data import DataConfig
 from sdprune.depth import SURVIVAL_RULES
 from sdprune.errors import InvalidValueError
@@ -92,6 +92,7 @@ def train(**options) -> None:
         if (out / runs.STATE_FILE).exists():
             raise InvalidValueError(f"{out} already holds a training run: add --resume {out} or choose another --out")
 
+    check_writable(out)
     echo = (lambda text: None) if options["quiet"] else (lambda text: click.echo(text))
     try:
         trainer = Trainer(config, data_config, out, device, quiet=options["quiet"],
