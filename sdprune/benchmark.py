@@ -11,8 +11,8 @@ same synthetic batch, four kinds of training step (forward, backward, optimizer 
 - `skip`: sdprune's gates, drawn as training draws them;
 - `shortcuts`: no branch runs at all, the floor that skipping can approach.
 
-Modes run in interleaved rounds, so a change in background load affects all of them
-alike, and the ratios to constant depth are taken within each round.
+Modes alternate step by step within each round, so a change in background load
+affects all of them alike, and the ratios to constant depth are taken within each round.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ class BenchmarkResult:
     """Measured step times, their ratios to constant depth, and the limits of skipping.
 
     Times are in seconds. `round_seconds[mode]` contains the mean step time of each
-    round; the headline numbers are medians over rounds.
+    round, and `drawn_survival[round]` the share of that round's skip steps in which
+    each block ran. The headline numbers are medians over rounds.
     """
 
     config: BenchmarkConfig
@@ -87,7 +88,7 @@ class BenchmarkResult:
     branch_seconds: list[float]
     survival: list[float]
     stages: list[int]
-    drawn_survival: list[float]
+    drawn_survival: list[list[float]]
     data: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -111,27 +112,36 @@ class BenchmarkResult:
         """Mean survival probability: the fraction of a step that FLOPs predict skipping keeps."""
         return sum(self.survival) / len(self.survival)
 
-    def time_fractions(self, survival: Sequence[float]) -> list[float]:
-        """Return, per round, the predicted step time over constant depth's when block l runs with `survival[l]`.
+    def time_fractions(self, round_survival: Sequence[Sequence[float]]) -> list[float]:
+        """Return, per round, the predicted step time over constant depth's when block l runs with `round_survival[round][l]`.
 
         The time a step spends in all branches is constant depth's step minus the
         shortcuts-only step of the same round. The per-block profile divides it
         among blocks, and each block's part counts with its survival probability.
         """
-        weighted = sum(weight * probability for weight, probability in zip(self.branch_weights, survival))
         fractions = []
-        for constant, floor in zip(self.round_seconds["constant"], self.round_seconds["shortcuts"]):
+        rounds = zip(self.round_seconds["constant"], self.round_seconds["shortcuts"], round_survival)
+        for constant, floor, survival in rounds:
+            weighted = sum(weight * probability for weight, probability in zip(self.branch_weights, survival))
             fractions.append((floor + (constant - floor) * weighted) / constant)
         return fractions
 
     @property
+    def round_time_weighted_fractions(self) -> list[float]:
+        return self.time_fractions([self.survival] * len(self.round_seconds["constant"]))
+
+    @property
+    def round_drawn_time_fractions(self) -> list[float]:
+        """The time-weighted fraction of each round for the gates the skip mode drew in it."""
+        return self.time_fractions(self.drawn_survival)
+
+    @property
     def time_weighted_fraction(self) -> float:
-        return statistics.median(self.time_fractions(self.survival))
+        return statistics.median(self.round_time_weighted_fractions)
 
     @property
     def drawn_time_fraction(self) -> float:
-        """The time-weighted fraction for the gates the skip mode actually drew."""
-        return statistics.median(self.time_fractions(self.drawn_survival))
+        return statistics.median(self.round_drawn_time_fractions)
 
     def stage_time_shares(self) -> dict[str, float]:
         """Return each stage's share of a constant-depth step, and the shortcuts-only share."""
@@ -168,7 +178,11 @@ class BenchmarkResult:
             "round_ratios": {
                 "skip_vs_constant": skip_ratios,
                 "mask_vs_constant": mask_ratios,
-                "time_weighted_fraction": self.time_fractions(self.survival),
+                "time_weighted_fraction": self.round_time_weighted_fractions,
+                "drawn_time_fraction": self.round_drawn_time_fractions,
+                "skip_vs_drawn_time_fraction": [
+                    ratio / drawn for ratio, drawn in zip(skip_ratios, self.round_drawn_time_fractions)
+                ],
             },
             "round_step_seconds": self.round_seconds,
             "stage_time_shares": self.stage_time_shares(),
@@ -337,8 +351,9 @@ def run_rounds(steps: dict[str, ModeStep], config: BenchmarkConfig, device: torc
                on_round: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, list[float]]:
     """Run `config.rounds` rounds of `config.steps` steps per mode; return each round's mean step time.
 
-    The order of modes rotates from round to round, so no mode always follows
-    the same one. Warm-up steps run first and are not timed.
+    Modes alternate step by step, and their order rotates at every step, so a
+    change in background load that lasts a few steps reaches every mode alike.
+    Warm-up steps run first and are not timed.
     """
     warmup_base = config.rounds * config.steps
     for mode_step in steps.values():
@@ -349,15 +364,16 @@ def run_rounds(steps: dict[str, ModeStep], config: BenchmarkConfig, device: torc
     round_seconds: dict[str, list[float]] = {mode: [] for mode in steps}
     modes = list(steps)
     for round_index in range(config.rounds):
-        shift = round_index % len(modes)
-        this_round = {}
-        for mode in modes[shift:] + modes[:shift]:
-            mode_step = steps[mode]
-            total = 0.0
-            for index in range(config.steps):
-                total += time_call(lambda: mode_step(round_index * config.steps + index), device)
-            this_round[mode] = total / config.steps
-            round_seconds[mode].append(this_round[mode])
+        totals = {mode: 0.0 for mode in modes}
+        for index in range(config.steps):
+            step = round_index * config.steps + index
+            shift = step % len(modes)
+            for mode in modes[shift:] + modes[:shift]:
+                totals[mode] += time_call(lambda: steps[mode](step), device)
+
+        this_round = {mode: total / config.steps for mode, total in totals.items()}
+        for mode, seconds in this_round.items():
+            round_seconds[mode].append(seconds)
         if on_round is not None:
             on_round(round_index, this_round)
     return round_seconds
@@ -417,8 +433,13 @@ def run_benchmark(config: BenchmarkConfig, device: torch.device,
     steps = {mode: ModeStep(mode, model, inputs, targets, config, device) for mode in MODES}
     round_seconds = run_rounds(steps, config, device, on_round)
 
+    # The share of steps in which each block ran, per round.
     drawn = steps["skip"].drawn_gates
-    drawn_survival = [sum(gates[position] for gates in drawn) / len(drawn) for position in range(len(model.blocks))]
+    drawn_survival = []
+    for round_index in range(config.rounds):
+        gates_of_round = drawn[round_index * config.steps:(round_index + 1) * config.steps]
+        drawn_survival.append([sum(gates[position] for gates in gates_of_round) / config.steps
+                               for position in range(len(model.blocks))])
     data = None
     if bundle is not None:
         data = measure_data_pipeline(bundle, data_batches, pin_memory=device.type == "cuda")

@@ -67,6 +67,14 @@ def test_time_weighted_fraction_from_block_times(report):
     assert report["time_weighted_fraction"] == pytest.approx(statistics.median(expected))
 
 
+def test_drawn_fraction_per_round(report):
+    rounds = report["round_ratios"]
+    assert len(rounds["drawn_time_fraction"]) == 3
+    assert report["drawn_time_fraction"] == pytest.approx(statistics.median(rounds["drawn_time_fraction"]))
+    expected = [skip / drawn for skip, drawn in zip(rounds["skip_vs_constant"], rounds["drawn_time_fraction"])]
+    assert rounds["skip_vs_drawn_time_fraction"] == pytest.approx(expected)
+
+
 def test_stage_shares_add_up_to_one(report):
     shares = report["stage_time_shares"]
     assert set(shares) == {"stage1", "stage2", "stage3", "shortcuts_stem_head"}
@@ -127,5 +135,6 @@ def test_run_benchmark_records_drawn_gates():
     config = BenchmarkConfig(arch="resnet20", batch_size=2, steps=2, rounds=1, warmup_steps=0,
                              input_shape=(3, 8, 8), profile_repeats=1, survival_rule="uniform", survival_last=0.5)
     result = run_benchmark(config, torch.device("cpu"))
-    assert all(share in (0.0, 0.5, 1.0) for share in result.drawn_survival)
+    assert len(result.drawn_survival) == 1
+    assert all(share in (0.0, 0.5, 1.0) for share in result.drawn_survival[0])
     assert result.expected_fraction == pytest.approx(0.5)

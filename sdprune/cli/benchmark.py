@@ -57,9 +57,11 @@ def format_result(result: BenchmarkResult) -> str:
         f"  mean survival probability (what FLOPs predict)   expected_fraction      {result.expected_fraction:.3f}",
         f"  branch time on this device x survival            time_weighted_fraction {result.time_weighted_fraction:.3f}"
         f"  (rounds {format_spread(time_fractions)})",
-        f"  the same for the gates this run drew             drawn_time_fraction    {result.drawn_time_fraction:.3f}",
+        f"  the same for the gates each round drew           drawn_time_fraction    {result.drawn_time_fraction:.3f}"
+        f"  (rounds {format_spread(document['round_ratios']['drawn_time_fraction'])})",
         f"skip_vs_constant {document['skip_vs_constant']:.3f} (rounds {format_spread(skip_ratios)}) is "
-        f"{document['skip_vs_time_weighted']:.3f} x time_weighted_fraction",
+        f"{document['skip_vs_time_weighted']:.3f} x time_weighted_fraction; per round, skip over the drawn "
+        f"gates' fraction: " + " ".join(f"{ratio:.3f}" for ratio in document["round_ratios"]["skip_vs_drawn_time_fraction"]),
     ]
     shares = document["stage_time_shares"]
     stage_text = ", ".join(f"{name} {share:.0%}" for name, share in shares.items() if name.startswith("stage"))
