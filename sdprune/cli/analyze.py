@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sdprune.cli.common import data_options, make_data_config, print_json, run_folder_argument
+from sdprune.cli.common import check_writable, data_options, make_data_config, print_json, run_folder_argument
 from sdprune.cli.evaluate import check_data_matches
 from sdprune.data import load_data
 from sdprune.importance import analyze_model
@@ -41,6 +41,9 @@ def analyze(run, samples, seed, out, device, as_json, quiet, **options) -> None:
     bundle = load_data(make_data_config(options, loaded.config))
     check_data_matches(loaded, bundle)
 
+    folder = out if out is not None else Path(run) / ANALYSIS_FOLDER
+    check_writable(folder)
+
     split = "val" if bundle.val is not None else "test"
     if split == "test" and not quiet:
         click.echo(f"warning: {run} has no validation split (train with --val-split N), so the test set is "
@@ -54,7 +57,6 @@ def analyze(run, samples, seed, out, device, as_json, quiet, **options) -> None:
         progress=lambda items, total, description: progress(items, total, description, enabled=show_progress),
         split=split, run=str(run),
     )
-    folder = out if out is not None else Path(run) / ANALYSIS_FOLDER
     paths = write_report(folder, report)
 
     if as_json:
