@@ -9,7 +9,8 @@ same synthetic batch, four kinds of training step (forward, backward, optimizer 
 - `constant`: every branch runs (constant depth);
 - `mask`: every branch runs and is masked with `torchvision.ops.stochastic_depth`;
 - `skip`: sdprune's gates, drawn as training draws them;
-- `shortcuts`: no branch runs at all, the floor that skipping can approach.
+- `shortcuts`: no branch runs at all, the floor that skipping can approach;
+- `stage1` to `stage3`: only one stage's branches run, to measure what each stage costs.
 
 Modes alternate step by step within each round, so a change in background load
 affects all of them alike, and the ratios to constant depth are taken within each round.
@@ -31,10 +32,12 @@ from torchvision.ops import stochastic_depth
 from sdprune.data import DataBundle
 from sdprune.depth import SURVIVAL_RULES, draw_gates, gate_generator
 from sdprune.errors import InvalidValueError
-from sdprune.resnet import CifarResNet, build_model
+from sdprune.resnet import STAGE_WIDTHS, CifarResNet, build_model
 from sdprune.train import backward_and_step, mixed_precision
 
 MODES = ("constant", "mask", "skip", "shortcuts")
+# Steps in which only one stage's branches run; they measure the stages' costs for the limit.
+STAGE_MODES = tuple(f"stage{stage}" for stage in range(1, len(STAGE_WIDTHS) + 1))
 
 # The optimizer of the training recipe (Huang et al. 2016), so the step costs what training's does.
 LEARNING_RATE = 0.1
@@ -99,13 +102,32 @@ class BenchmarkResult:
         """Return the mode's step time over constant depth's, per round."""
         return [own / constant for own, constant in zip(self.round_seconds[mode], self.round_seconds["constant"])]
 
-    @property
-    def branch_weights(self) -> list[float]:
-        """Each block's share of the time of all branches, from the per-block profile."""
-        total = sum(self.branch_seconds)
-        if total <= 0:
-            return [1.0 / len(self.branch_seconds)] * len(self.branch_seconds)
-        return [seconds / total for seconds in self.branch_seconds]
+    def round_stage_seconds(self, round_index: int) -> dict[int, float]:
+        """Return the time each stage's branches take in a step of round `round_index`.
+
+        A stage's time is the step in which only its branches run, less the
+        shortcuts-only step, both measured in the network and in the same round.
+        """
+        floor = self.round_seconds["shortcuts"][round_index]
+        return {stage: max(self.round_seconds[f"stage{stage}"][round_index] - floor, 0.0)
+                for stage in sorted(set(self.stages))}
+
+    def round_branch_weights(self, round_index: int) -> list[float]:
+        """Return each block's share of the time of all branches in round `round_index`.
+
+        The stage's share comes from the in-network stage steps, and the per-block
+        profile divides it among the stage's blocks. The isolated profile alone gave
+        resnet110's stage 1 48% of the branch time on a 2-core CPU, in-network steps 46%.
+        """
+        stage_seconds = self.round_stage_seconds(round_index)
+        total = sum(stage_seconds.values())
+        weights = []
+        for position, stage in enumerate(self.stages):
+            in_stage = [self.branch_seconds[other] for other, other_stage in enumerate(self.stages) if other_stage == stage]
+            within = self.branch_seconds[position] / sum(in_stage) if sum(in_stage) > 0 else 1.0 / len(in_stage)
+            stage_share = stage_seconds[stage] / total if total > 0 else 1.0 / len(stage_seconds)
+            weights.append(stage_share * within)
+        return weights
 
     @property
     def expected_fraction(self) -> float:
@@ -116,13 +138,15 @@ class BenchmarkResult:
         """Return, per round, the predicted step time over constant depth's when block l runs with `round_survival[round][l]`.
 
         The time a step spends in all branches is constant depth's step minus the
-        shortcuts-only step of the same round. The per-block profile divides it
+        shortcuts-only step of the same round. `round_branch_weights` divides it
         among blocks, and each block's part counts with its survival probability.
         """
         fractions = []
-        rounds = zip(self.round_seconds["constant"], self.round_seconds["shortcuts"], round_survival)
-        for constant, floor, survival in rounds:
-            weighted = sum(weight * probability for weight, probability in zip(self.branch_weights, survival))
+        for round_index, survival in enumerate(round_survival):
+            constant = self.round_seconds["constant"][round_index]
+            floor = self.round_seconds["shortcuts"][round_index]
+            weights = self.round_branch_weights(round_index)
+            weighted = sum(weight * probability for weight, probability in zip(weights, survival))
             fractions.append((floor + (constant - floor) * weighted) / constant)
         return fractions
 
@@ -144,14 +168,30 @@ class BenchmarkResult:
         return statistics.median(self.round_drawn_time_fractions)
 
     def stage_time_shares(self) -> dict[str, float]:
-        """Return each stage's share of a constant-depth step, and the shortcuts-only share."""
+        """Return each stage's share of a constant-depth step, and the shortcuts-only share.
+
+        Computed from the median step time of each mode, so the shares add up to 1.
+        """
         constant = self.seconds("constant")
-        branches = constant - self.seconds("shortcuts")
-        shares: dict[str, float] = {}
-        for weight, stage in zip(self.branch_weights, self.stages):
-            shares[f"stage{stage}"] = shares.get(f"stage{stage}", 0.0) + branches * weight / constant
-        shares["shortcuts_stem_head"] = self.seconds("shortcuts") / constant
+        floor = self.seconds("shortcuts")
+        stage_seconds = {stage: max(self.seconds(f"stage{stage}") - floor, 0.0) for stage in sorted(set(self.stages))}
+        total = sum(stage_seconds.values())
+        shares = {f"stage{stage}": (constant - floor) * seconds / total / constant if total > 0 else 0.0
+                  for stage, seconds in stage_seconds.items()}
+        shares["shortcuts_stem_head"] = floor / constant
         return shares
+
+    def stage_sum_vs_constant(self) -> float:
+        """Return the shortcuts-only step plus every stage's branch time, over constant depth's step.
+
+        Near 1 when the stages' costs add up to the whole step, a check on the
+        stage measurements the limit rests on.
+        """
+        sums = []
+        for round_index, constant in enumerate(self.round_seconds["constant"]):
+            floor = self.round_seconds["shortcuts"][round_index]
+            sums.append((floor + sum(self.round_stage_seconds(round_index).values())) / constant)
+        return statistics.median(sums)
 
     def to_dict(self) -> dict[str, Any]:
         skip_ratios = self.round_ratios("skip")
@@ -166,8 +206,8 @@ class BenchmarkResult:
             "survival_rule": self.config.survival_rule,
             "survival_last": self.config.survival_last,
             "seed": self.config.seed,
-            "step_seconds": {mode: self.seconds(mode) for mode in MODES},
-            "images_per_second": {mode: self.config.batch_size / self.seconds(mode) for mode in MODES},
+            "step_seconds": {mode: self.seconds(mode) for mode in self.round_seconds},
+            "images_per_second": {mode: self.config.batch_size / self.seconds(mode) for mode in self.round_seconds},
             "skip_vs_constant": skip_vs_constant,
             "mask_vs_constant": statistics.median(mask_ratios),
             "shortcuts_vs_constant": statistics.median(self.round_ratios("shortcuts")),
@@ -186,6 +226,7 @@ class BenchmarkResult:
             },
             "round_step_seconds": self.round_seconds,
             "stage_time_shares": self.stage_time_shares(),
+            "stage_sum_vs_constant": self.stage_sum_vs_constant(),
             "block_branch_seconds": self.branch_seconds,
         }
         if self.data is not None:
@@ -259,6 +300,9 @@ class ModeStep:
             gates = draw_gates(self.survival_tensor, gate_generator(self.config.seed, step))
             self.drawn_gates.append(gates)
             return self.model(self.inputs, gates=gates)
+        if self.mode in STAGE_MODES:
+            stage = STAGE_MODES.index(self.mode) + 1
+            return self.model(self.inputs, gates=[spec.stage == stage for spec in self.model.specs])
         return shortcuts_forward(self.model, self.inputs)
 
     def __call__(self, step: int) -> None:
@@ -430,7 +474,7 @@ def run_benchmark(config: BenchmarkConfig, device: torch.device,
         inputs = inputs.contiguous(memory_format=torch.channels_last)
 
     branch_seconds = measure_branch_seconds(model, inputs, config.profile_repeats, device)
-    steps = {mode: ModeStep(mode, model, inputs, targets, config, device) for mode in MODES}
+    steps = {mode: ModeStep(mode, model, inputs, targets, config, device) for mode in MODES + STAGE_MODES}
     round_seconds = run_rounds(steps, config, device, on_round)
 
     # The share of steps in which each block ran, per round.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from sdprune.benchmark import MODES, BenchmarkConfig, masked_forward, run_benchmark, shortcuts_forward
+from sdprune.benchmark import MODES, STAGE_MODES, BenchmarkConfig, ModeStep, masked_forward, run_benchmark, shortcuts_forward
 from sdprune.cli import main
 from sdprune.errors import InvalidValueError
 from sdprune.resnet import build_model
@@ -32,7 +32,7 @@ def test_json_has_headline_keys(report):
 
 
 def test_step_times_positive(report):
-    for mode in MODES:
+    for mode in MODES + STAGE_MODES:
         assert report["step_seconds"][mode] > 0
         assert len(report["round_step_seconds"][mode]) == 3
         assert report["images_per_second"][mode] == pytest.approx(8 / report["step_seconds"][mode])
@@ -53,16 +53,25 @@ def test_expected_fraction_is_mean_survival(report):
     assert report["expected_fraction"] == pytest.approx(1 - 5 / 9 * 0.5)
 
 
-def test_time_weighted_fraction_from_block_times(report):
+def test_time_weighted_fraction_from_stage_and_block_times(report):
     branch = report["block_branch_seconds"]
     assert len(branch) == 9
     assert all(seconds >= 0 for seconds in branch)
-    weights = [seconds / sum(branch) for seconds in branch]
     survival = [1 - index / 9 * 0.5 for index in range(1, 10)]
-    weighted = sum(weight * probability for weight, probability in zip(weights, survival))
     rounds = report["round_step_seconds"]
-    expected = [(floor + (constant - floor) * weighted) / constant
-                for constant, floor in zip(rounds["constant"], rounds["shortcuts"])]
+    expected = []
+    for round_index in range(3):
+        constant, floor = rounds["constant"][round_index], rounds["shortcuts"][round_index]
+        stage_seconds = [max(rounds[f"stage{stage}"][round_index] - floor, 0.0) for stage in (1, 2, 3)]
+        weighted = 0.0
+        for stage in range(3):
+            # resnet20 has three blocks per stage.
+            blocks = range(3 * stage, 3 * stage + 3)
+            stage_branch = sum(branch[block] for block in blocks)
+            for block in blocks:
+                weight = stage_seconds[stage] / sum(stage_seconds) * branch[block] / stage_branch
+                weighted += weight * survival[block]
+        expected.append((floor + (constant - floor) * weighted) / constant)
     assert report["round_ratios"]["time_weighted_fraction"] == pytest.approx(expected)
     assert report["time_weighted_fraction"] == pytest.approx(statistics.median(expected))
 
@@ -79,6 +88,7 @@ def test_stage_shares_add_up_to_one(report):
     shares = report["stage_time_shares"]
     assert set(shares) == {"stage1", "stage2", "stage3", "shortcuts_stem_head"}
     assert sum(shares.values()) == pytest.approx(1.0)
+    assert report["stage_sum_vs_constant"] > 0
 
 
 def test_data_pipeline_measured(report):
@@ -92,7 +102,7 @@ def test_data_pipeline_measured(report):
 def test_table_lists_modes_and_limits():
     result = CliRunner().invoke(main, TINY[:-2] + ["--steps", "1", "--rounds", "1", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    for word in MODES + ("expected_fraction", "time_weighted_fraction", "skip_vs_constant", "stage1"):
+    for word in MODES + STAGE_MODES + ("expected_fraction", "time_weighted_fraction", "skip_vs_constant", "stage1"):
         assert word in result.output
 
 
@@ -138,3 +148,14 @@ def test_run_benchmark_records_drawn_gates():
     assert len(result.drawn_survival) == 1
     assert all(share in (0.0, 0.5, 1.0) for share in result.drawn_survival[0])
     assert result.expected_fraction == pytest.approx(0.5)
+
+
+def test_stage_mode_runs_only_its_stage():
+    model = build_model("resnet20")
+    config = BenchmarkConfig(arch="resnet20", input_shape=(3, 8, 8))
+    step = ModeStep("stage2", model, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), config, torch.device("cpu"))
+    ran = []
+    for position, block in enumerate(step.model.blocks):
+        block.branch.register_forward_hook(lambda *arguments, position=position: ran.append(position))
+    step(0)
+    assert ran == [3, 4, 5]

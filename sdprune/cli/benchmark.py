@@ -6,7 +6,7 @@ import statistics
 
 import click
 
-from sdprune.benchmark import MODES, BenchmarkConfig, BenchmarkResult, run_benchmark
+from sdprune.benchmark import MODES, STAGE_MODES, BenchmarkConfig, BenchmarkResult, run_benchmark
 from sdprune.cli.common import DATA_DIR_VARIABLE, Group, print_json
 from sdprune.data import DATASETS, DataConfig, load_data
 from sdprune.depth import SURVIVAL_RULES
@@ -19,6 +19,7 @@ DESCRIPTIONS = {
     "mask": "every branch runs, then torchvision stochastic_depth masks it",
     "skip": "sdprune: a closed gate's branch does not run",
     "shortcuts": "no branch runs (the floor)",
+    **{mode: f"only {mode}'s branches run (for the limit)" for mode in STAGE_MODES},
 }
 
 
@@ -40,7 +41,7 @@ def format_result(result: BenchmarkResult) -> str:
         f"on {result.device}, survival rule {config.survival_rule} (p_L {config.survival_last})",
         f"{'mode':<10} {'step ms':>9} {'images/s':>9} {'vs constant':>12} {'per round':>24}  what runs",
     ]
-    for mode in MODES:
+    for mode in MODES + STAGE_MODES:
         ratios = result.round_ratios(mode)
         per_round = " ".join(f"{ratio:.3f}" for ratio in ratios)
         if len(per_round) > 24:
@@ -65,7 +66,10 @@ def format_result(result: BenchmarkResult) -> str:
     ]
     shares = document["stage_time_shares"]
     stage_text = ", ".join(f"{name} {share:.0%}" for name, share in shares.items() if name.startswith("stage"))
-    lines.append(f"share of a constant-depth step: {stage_text}, shortcuts/stem/head {shares['shortcuts_stem_head']:.0%}")
+    lines.append(
+        f"share of a constant-depth step: {stage_text}, shortcuts/stem/head {shares['shortcuts_stem_head']:.0%} "
+        f"(stages measured alone add up to {document['stage_sum_vs_constant']:.3f} of the step)"
+    )
 
     if result.data is not None:
         data = result.data
@@ -128,7 +132,7 @@ def train_benchmark(arch, batch_size, steps, rounds, warmup_steps, survival_rule
 
     def report_round(index: int, seconds: dict[str, float]) -> None:
         if not as_json:
-            times = ", ".join(f"{mode} {1000 * seconds[mode]:.1f} ms" for mode in MODES)
+            times = ", ".join(f"{mode} {1000 * seconds[mode]:.1f} ms" for mode in MODES + STAGE_MODES)
             click.echo(f"round {index + 1}/{rounds}: {times}", err=True)
 
     result = run_benchmark(config, device, on_round=report_round, bundle=bundle, data_batches=data_batches)
