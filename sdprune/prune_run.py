@@ -1,8 +1,8 @@
 """The pruning pipeline: choose blocks, remove them, recalibrate, fine-tune, save.
 
-`prune_run` takes a loaded run and writes a smaller run folder beside a
+`prune_run` takes a loaded run and writes a smaller run folder with a
 `prune_report.json` that records blocks, parameters, MACs and accuracy at each
-stage; `resume_pruning` continues an interrupted fine-tuning from that folder.
+stage. `resume_pruning` continues an interrupted fine-tuning from that folder.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """What to remove and how to repair the network afterwards.
+    """Pruning settings: the target, the strategy, and the repair steps after removal.
 
     Exactly one of `keep_depth`, `keep_ratio` and `max_accuracy_drop` is set.
     `max_accuracy_drop` is in percentage points. `survival_last` None means
@@ -151,10 +151,10 @@ def search_depth(model: CifarResNet, choose: Callable[[int], list[int]], batches
     """Remove blocks while the accuracy stays within `max_drop_points` of `baseline`.
 
     `choose(depth)` returns the blocks to remove to keep `depth` blocks. Depths
-    are tried from one block fewer than the model has downwards; the search
+    are tried from one block fewer than the model has downwards. The search
     stops at the first depth whose accuracy falls more than the allowed drop
-    below `baseline`, and returns the blocks removed at the depth before it,
-    with the accuracy measured at each depth tried. Accuracy is measured right
+    below `baseline`. It returns the blocks removed at the depth before that,
+    and the accuracy measured at each depth tried. Accuracy is measured right
     after removal, before recalibration.
     """
     best: list[int] = []
@@ -228,12 +228,12 @@ def check_output_folder(out: Path, parent: Path) -> None:
     if out.resolve() == parent.resolve():
         raise InvalidValueError(f"--out {out} is the parent run itself: choose another folder")
     if (out / runs.STATE_FILE).exists():
-        raise InvalidValueError(f"{out} already holds a fine-tuning run: add --resume {out} or choose another --out")
+        raise InvalidValueError(f"{out} already contains a fine-tuning run: add --resume {out} or choose another --out")
 
 
 def prune_run(parent: Run, config: PruneConfig, data_config: DataConfig, out: Path, device: torch.device,
               quiet: bool = False, on_epoch: Callable[[EpochMetrics], None] | None = None) -> dict[str, Any]:
-    """Prune `parent` as `config` says, write the smaller run to `out`, and return the report.
+    """Prune `parent` as `config` specifies, write the smaller run to `out`, and return the report.
 
     The report (also written to `out`/prune_report.json) lists each stage:
     unpruned, blocks removed, recalibrated (unless disabled), `binarized` and
@@ -403,7 +403,7 @@ def resume_pruning(out: Path, device: torch.device, quiet: bool = False,
     """Continue the fine-tuning of a pruned run in `out` from its last finished epoch."""
     path = out / REPORT_FILE
     if not path.is_file():
-        raise InvalidValueError(f"--resume {out} holds no {REPORT_FILE}: pass a folder written by sdprune prune")
+        raise InvalidValueError(f"--resume {out} contains no {REPORT_FILE}: pass a folder written by sdprune prune")
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
         settings = result["finetuning"]
