@@ -88,7 +88,7 @@ def open_session(path: str | Path, threads: int | None = None) -> onnxruntime.In
         options.inter_op_num_threads = 1
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime raises its own unexported exception types
+    except Exception as error:  # onnxruntime's load errors (Fail, InvalidProtobuf, ...) derive from Exception only
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportFileError(f"{path} is not a loadable ONNX or ORT model ({first_line}): export it again") from error
 
@@ -172,13 +172,14 @@ def compare_on_data(
 ) -> dict[str, Any]:
     """Run `batches` of (images, labels) through the model and, if given, the reference.
 
-    Returns the image count, both accuracies as fractions and the largest
-    absolute logit difference.
+    Returns the image count, both accuracies as fractions, the largest absolute
+    logit difference and the largest absolute reference logit.
     """
     images_seen = 0
     correct = 0
     reference_correct = 0
     max_difference = 0.0
+    max_logit = 0.0
     for images, labels in batches:
         logits = session.run([metadata.output_name], {metadata.input_name: np.ascontiguousarray(images, np.float32)})[0]
         correct += int((logits.argmax(axis=1) == labels).sum())
@@ -187,13 +188,15 @@ def compare_on_data(
             expected = reference(images)
             reference_correct += int((expected.argmax(axis=1) == labels).sum())
             max_difference = max(max_difference, float(np.abs(logits - expected).max()))
+            max_logit = max(max_logit, float(np.abs(expected).max()))
     if images_seen == 0:
-        raise InvalidValueError("the test split is empty: choose a data set or --limit-test with images")
+        raise InvalidValueError("the test split has no images: choose another --dataset or a larger --limit-test")
     return {
         "images": images_seen,
         "accuracy": correct / images_seen,
         "reference_accuracy": reference_correct / images_seen if reference is not None else None,
         "max_abs_difference": max_difference if reference is not None else None,
+        "max_abs_reference_logit": max_logit if reference is not None else None,
     }
 
 
@@ -239,6 +242,8 @@ def validate_model(
         difference = figures["max_abs_difference"]
         parity = {
             "max_abs_logit_difference": difference,
+            # float32 rounding grows with the logits, so their scale puts the difference in context.
+            "max_abs_pytorch_logit": figures["max_abs_reference_logit"],
             "tolerance": config.tolerance,
             "images": figures["images"],
             "passed": None if config.tolerance is None else bool(difference <= config.tolerance),

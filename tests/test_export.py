@@ -318,3 +318,10 @@ def test_default_output_name(runs, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "exports" / "fp32.onnx").is_file()
 
+
+
+def test_too_many_calibration_images_exits_2(runs, tmp_path):
+    result = export(runs["fp32"], tmp_path / "int8.onnx", "--quantize", "int8", "--calibration-images", "100000")
+    assert result.exit_code == 2
+    assert "--calibration-images 100000 exceeds" in result.output
+    assert not (tmp_path / "int8.onnx").exists()

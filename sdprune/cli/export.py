@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import click
 import numpy as np
@@ -25,8 +26,11 @@ def export() -> None:
     """Export a run for deployment."""
 
 
-def calibration_batches(bundle: DataBundle, count: int, batch_size: int):
-    """Yield `count` training images, evaluation transform, as float32 arrays in batches."""
+def calibration_batches(bundle: DataBundle, count: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Return batches of `count` random training images, evaluation transform, as float32 arrays.
+
+    Checks `count` at once; the images are read as the batches are consumed.
+    """
     dataset = bundle.train_plain
     if count > len(dataset):
         raise InvalidValueError(
@@ -35,8 +39,7 @@ def calibration_batches(bundle: DataBundle, count: int, batch_size: int):
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(CALIBRATION_SEED))[:count]
     subset = torch.utils.data.Subset(dataset, order.tolist())
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=0)
-    for images, _ in loader:
-        yield images.numpy()
+    return (images.numpy() for images, _ in loader)
 
 
 def numpy_batches(bundle: DataBundle):

@@ -51,7 +51,7 @@ def show_report(report: ValidationReport, report_file: Path, as_json: bool) -> N
     if parity is not None:
         limit = "not judged" if parity["tolerance"] is None else f"tolerance {parity['tolerance']:.0e}"
         rows.append(("parity", f"max |logit diff| {parity['max_abs_logit_difference']:.3g} ({limit}, "
-                               f"{parity['images']} images)"))
+                               f"{parity['images']} images, max |logit| {parity['max_abs_pytorch_logit']:.3g})"))
     line = f"onnxruntime {accuracy['onnxruntime']:.2%}"
     if accuracy["pytorch"] is not None:
         line += (f", PyTorch {accuracy['pytorch']:.2%}, drop {accuracy['drop_points']:.2f} points "
