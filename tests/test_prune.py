@@ -173,6 +173,16 @@ def test_fold_survival_keeps_eval_outputs():
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
+def test_assign_survival_counts_kept_blocks():
+    from sdprune.prune import assign_survival
+
+    pruned = assign_survival(prune_model(tiny_model(), [3, 6, 7, 8, 9]), "linear", 0.5)
+    kept = [spec.survival_prob for spec in pruned.specs if spec.kept]
+    assert kept == [0.875, 0.75, 0.625, 0.5]
+    assert [block.spec.survival_prob for block in pruned.blocks if block.branch is not None] == kept
+    assert pruned.survival.tolist()[:2] == [0.875, 0.75]
+
+
 # Strategies.
 
 def hand_made_report() -> dict:
