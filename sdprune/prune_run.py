@@ -50,7 +50,8 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]
 class PruneConfig:
     """Pruning settings: the target, the strategy, and the repair steps after removal.
 
-    Exactly one of `keep_depth`, `keep_ratio` and `max_accuracy_drop` is set.
+    Exactly one of `keep_depth`, `keep_ratio` and `max_accuracy_drop` must be
+    set; `target_depth` checks that against the network's block count.
     `max_accuracy_drop` is in percentage points. `survival_last` None means
     fine-tuning at constant depth; a value fine-tunes with stochastic depth
     under `survival_rule`, counted over the kept blocks. `binarize` turns every
@@ -76,13 +77,6 @@ class PruneConfig:
     binarize_all: bool = False
 
     def __post_init__(self) -> None:
-        targets = {"--keep-depth": self.keep_depth, "--keep-ratio": self.keep_ratio,
-                   "--max-accuracy-drop": self.max_accuracy_drop}
-        given = [name for name, value in targets.items() if value is not None]
-        if not given:
-            raise InvalidValueError("no target given: add one of --keep-depth N, --keep-ratio R or --max-accuracy-drop PTS")
-        if len(given) > 1:
-            raise InvalidValueError(f"{' and '.join(given)} were both given: choose one target")
         if self.strategy not in STRATEGIES:
             raise InvalidValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
@@ -105,6 +99,28 @@ class PruneConfig:
     def target(self) -> dict[str, Any]:
         names = ("keep_depth", "keep_ratio", "max_accuracy_drop")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+def target_depth(config: PruneConfig, num_blocks: int) -> int | None:
+    """Check that `config` sets exactly one valid target and return the depth it keeps.
+
+    Returns None for `max_accuracy_drop`, whose depth the search decides.
+    Messages name the allowed range for a network of `num_blocks` blocks.
+    """
+    choices = (f"--keep-depth N (1 to {num_blocks}), --keep-ratio R (above 0, at most 1) "
+               "or --max-accuracy-drop PTS (0 to 100)")
+    given = ["--" + name.replace("_", "-") for name in config.target()]
+    if not given:
+        raise InvalidValueError(f"no target given: add one of {choices}")
+    if len(given) > 1:
+        raise InvalidValueError(f"{' and '.join(given)} were given together: choose one of {choices}")
+
+    if config.keep_depth is not None:
+        check_keep_depth(config.keep_depth, num_blocks)
+        return config.keep_depth
+    if config.keep_ratio is not None:
+        return keep_depth_for_ratio(config.keep_ratio, num_blocks)
+    return None
 
 
 def load_batches(bundle: DataBundle, split: str, device: torch.device) -> Batches:
@@ -245,14 +261,8 @@ def prune_run(parent: Run, config: PruneConfig, data_config: DataConfig, out: Pa
     model = parent.model.to(device).eval()
     kept = model.kept_indices
 
-    # Target depth, checked before the slow data loading.
-    if config.keep_depth is not None:
-        check_keep_depth(config.keep_depth, len(kept))
-        depth = config.keep_depth
-    elif config.keep_ratio is not None:
-        depth = keep_depth_for_ratio(config.keep_ratio, len(kept))
-    else:
-        depth = None
+    # The target is checked before the slow data loading.
+    depth = target_depth(config, len(kept))
 
     bundle = load_data(data_config)
     if len(bundle.classes) != model.num_classes or bundle.input_shape[0] != model.in_channels:

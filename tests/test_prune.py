@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -344,7 +345,26 @@ def test_recalibration_reproducible_under_seed():
 
 @pytest.mark.parametrize("values, message", [
     ({}, "no target given"),
-    ({"keep_depth": 3, "keep_ratio": 0.5}, "--keep-depth and --keep-ratio were both given"),
+    ({"keep_depth": 3, "keep_ratio": 0.5}, "--keep-depth and --keep-ratio were given together"),
+    ({"keep_depth": 3, "keep_ratio": 0.5, "max_accuracy_drop": 1.0}, "and --max-accuracy-drop were given together"),
+    ({"keep_depth": 0}, "--keep-depth must be between 1 and 9 (the model has 9 blocks), got 0"),
+])
+def test_target_depth_rejects(values, message):
+    from sdprune.prune_run import target_depth
+
+    with pytest.raises(InvalidValueError, match=re.escape(message)):
+        target_depth(PruneConfig(**values), 9)
+
+
+def test_target_depth_resolves_ratio():
+    from sdprune.prune_run import target_depth
+
+    assert target_depth(PruneConfig(keep_ratio=0.5), 9) == 5
+    assert target_depth(PruneConfig(keep_depth=9), 9) == 9
+    assert target_depth(PruneConfig(max_accuracy_drop=1.0), 9) is None
+
+
+@pytest.mark.parametrize("values, message", [
     ({"keep_ratio": 1.5}, "--keep-ratio must be in"),
     ({"max_accuracy_drop": -1.0}, "--max-accuracy-drop must be between 0 and 100"),
     ({"keep_depth": 3, "strategy": "random"}, "--strategy must be one of"),
@@ -360,8 +380,10 @@ def test_prune_config_rejects(values, message):
 @pytest.mark.parametrize("arguments, message", [
     (["--keep-depth", "0"], "--keep-depth must be between 1 and 9 (the model has 9 blocks), got 0"),
     (["--keep-depth", "10"], "--keep-depth must be between 1 and 9 (the model has 9 blocks), got 10"),
-    ([], "no target given"),
-    (["--keep-depth", "3", "--max-accuracy-drop", "1"], "--keep-depth and --max-accuracy-drop were both given"),
+    ([], "no target given: add one of --keep-depth N (1 to 9), --keep-ratio R (above 0, at most 1) "
+         "or --max-accuracy-drop PTS (0 to 100)"),
+    (["--keep-depth", "3", "--max-accuracy-drop", "1"],
+     "--keep-depth and --max-accuracy-drop were given together: choose one of --keep-depth N (1 to 9)"),
     (["--keep-ratio", "0.01"], "keeps round(0.01 x 9) = 0 blocks"),
 ])
 def test_cli_rejects_targets(digits_parent, tmp_path, arguments, message):
