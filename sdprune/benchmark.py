@@ -4,7 +4,7 @@ Stochastic depth as torchvision and timm implement it computes every residual
 branch and then multiplies it by a random 0 or 1/p (`torchvision.ops.stochastic_depth`),
 so a dropped block still costs its full forward and backward. sdprune does not run
 the branch of a closed gate at all. This module times, in one process and on the
-same synthetic batch, four kinds of training step (forward, backward, optimizer step):
+same synthetic batch, these kinds of training step (forward, backward, optimizer step):
 
 - `constant`: every branch runs (constant depth);
 - `mask`: every branch runs and is masked with `torchvision.ops.stochastic_depth`;
@@ -456,7 +456,7 @@ def measure_data_pipeline(bundle: DataBundle, batches: int, pin_memory: bool) ->
 def run_benchmark(config: BenchmarkConfig, device: torch.device,
                   on_round: Callable[[int, dict[str, float]], None] | None = None,
                   bundle: DataBundle | None = None, data_batches: int = 20) -> BenchmarkResult:
-    """Time constant depth, masked stochastic depth, skipping and shortcuts only on one synthetic batch.
+    """Time every mode of `MODES` and `STAGE_MODES` on one synthetic batch, and profile each block.
 
     With a `bundle`, also time its training loader, so a caller can compare how
     fast images arrive with how fast the model trains on them.
