@@ -138,12 +138,13 @@ def _greedy_order(report: dict[str, Any], kept: Sequence[int]) -> list[int]:
 def every_other_removed(kept: Sequence[int], keep_depth: int) -> list[int]:
     """Return the blocks of `kept` that the LayerDrop every-other rule removes to keep `keep_depth`.
 
-    Positions count 1..L over the blocks the network has. LayerDrop removes
-    every block whose position is a multiple of k = floor(L / R) to remove R
-    blocks; since that can remove more than R, the R deepest of those positions
-    are removed. When more than half the blocks go (2R > L), k would be 1 and
-    remove everything, so the rule turns round: it keeps positions 1, 1 + k,
-    1 + 2k, ... with k = floor(L / N) and takes the first N of them.
+    Positions count 1..L over the blocks the network has, and R = L - N
+    blocks go. At pruning rate p, LayerDrop drops every layer at a depth d
+    with d mod floor(1 / p) = 0, so with p = R / L it drops the positions that
+    are multiples of k = floor(L / R). That can be more than R positions, so
+    only the R deepest of them are removed. When more than half the blocks go
+    (2R > L), k would be 1 and remove everything. The rule then keeps
+    positions 1, 1 + k, ..., 1 + (N - 1) k with k = floor(L / N) instead.
     """
     blocks = sorted(kept)
     total = len(blocks)
