@@ -432,7 +432,11 @@ def test_cli_writes_smaller_run(digits_parent, tmp_path):
     report = json.loads((out / "prune_report.json").read_text())
     config = json.loads((out / "model.json").read_text())
     assert report["removed_blocks"] == [8, 6, 4, 2]
-    assert [row["stage"] for row in report["stages"]] == ["unpruned", "blocks removed", "recalibrated"]
+    names = [row["stage"] for row in report["stages"]]
+    if report["recalibration_kept"]:
+        assert names == ["unpruned", "blocks removed", "recalibrated"]
+    else:
+        assert names == ["unpruned", "blocks removed", "recalibrated (discarded)", "statistics restored"]
     assert report["stages"][1]["params"] < report["stages"][0]["params"]
     assert report["stages"][1]["macs"] < report["stages"][0]["macs"]
     assert report["recalibration_images"] == 64
@@ -532,3 +536,28 @@ def test_finetune_config_constant_depth(digits_parent):
     stochastic = finetune_config(PruneConfig(keep_depth=3, finetune_epochs=2, survival_last=0.8), parent)
     assert (constant.survival_rule, constant.epochs) == ("none", 2)
     assert (stochastic.survival_rule, stochastic.survival_last) == ("linear", 0.8)
+
+
+def test_recalibration_discarded_when_it_hurts(digits_run, tmp_path, monkeypatch):
+    from sdprune import prune_run as pipeline
+
+    def wreck_statistics(model, loader, images, device, generator):
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean += 50.0
+        return images
+
+    monkeypatch.setattr(pipeline, "recalibrate_batch_norm", wreck_statistics)
+    out = tmp_path / "pruned"
+    result = invoke(str(digits_run), "--out", str(out), "--keep-depth", "8", "--strategy", "last",
+                    "--recalibration-images", "64")
+    assert result.exit_code == 0, result.output
+
+    report = json.loads((out / "prune_report.json").read_text())
+    names = [row["stage"] for row in report["stages"]]
+    assert names == ["unpruned", "blocks removed", "recalibrated (discarded)", "statistics restored"]
+    assert report["recalibration_kept"] is False
+    assert report["stages"][2]["test_accuracy"] < report["stages"][1]["test_accuracy"]
+    assert report["stages"][-1]["test_accuracy"] == report["stages"][1]["test_accuracy"]
+    evaluation = CliRunner().invoke(main, ["evaluate", str(out), "--json"])
+    assert json.loads(evaluation.stdout)["accuracy"] == pytest.approx(report["stages"][-1]["test_accuracy"])
