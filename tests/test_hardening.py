@@ -200,3 +200,17 @@ def test_kill_during_export_leaves_no_partial_model(digits_run, tmp_path):
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     onnx.checker.check_model(onnx.load(str(output)))
+
+
+@pytest.mark.parametrize("command", ["prune", "export"])
+def test_full_disk_rejected_for_prune_and_export(command, digits_run, tmp_path, monkeypatch):
+    from sdprune.cli import common
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: usage._replace(free=1024 * 1024))
+    if command == "prune":
+        result = invoke("prune", digits_run, "--keep-depth", "5", "--strategy", "last", "--out", tmp_path / "out")
+    else:
+        result = invoke("export", "onnx", digits_run, "-o", tmp_path / "out" / "model.onnx")
+    assert_one_line_error(result, 2, "MiB free")
+    assert not (tmp_path / "out").exists()

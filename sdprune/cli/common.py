@@ -153,13 +153,17 @@ def check_writable(path: Path, is_file: bool = False) -> None:
     file, and checks that at least MINIMUM_FREE_BYTES are free there.
     """
     folder = Path(path).parent if is_file else Path(path)
+    existed = folder.is_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
             pass
+        free = shutil.disk_usage(folder).free
+        # A command that fails later should not leave an empty output folder behind.
+        if not existed:
+            folder.rmdir()
     except OSError as error:
         raise InvalidValueError(f"cannot write to {folder} ({error.strerror or error}): choose another output location") from error
-    free = shutil.disk_usage(folder).free
     if free < MINIMUM_FREE_BYTES:
         raise InvalidValueError(
             f"only {free // 1024 ** 2} MiB free under {folder}: free at least {MINIMUM_FREE_BYTES // 1024 ** 2} MiB "

@@ -9,7 +9,7 @@ import click
 import numpy as np
 import torch
 
-from sdprune.cli.common import Group, configure_logging, data_options, make_data_config, run_folder_argument
+from sdprune.cli.common import Group, check_writable, configure_logging, data_options, make_data_config, run_folder_argument
 from sdprune.cli.validate import show_report, validation_options
 from sdprune.data import DataBundle, load_data
 from sdprune.errors import InvalidValueError, SdpruneError
@@ -95,6 +95,7 @@ def onnx(run, output, quantize, calibration_images, write_ort, opset, run_valida
                           calibration_images=calibration_images, ort=write_ort, opset=opset)
 
     loaded = load_run(run)
+    check_writable(config.output, is_file=True)
     bundle = None
     if quantize or run_validation:
         bundle = load_data(make_data_config(options, loaded.config))

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from sdprune.cli.common import configure_logging, data_options, make_data_config, print_json
+from sdprune.cli.common import check_writable, configure_logging, data_options, make_data_config, print_json
 from sdprune.cli.train import format_epoch
 from sdprune.depth import SURVIVAL_RULES
 from sdprune.errors import InvalidValueError
@@ -113,6 +113,7 @@ def prune(run, out, resume, device, as_json, quiet, **options) -> None:
             binarize=options["binarize"] or options["binarize_all"], binarize_all=options["binarize_all"],
         )
         parent = load_run(run, device)
+        check_writable(out)
         data_config = make_data_config(options, parent.config)
         report = prune_run(parent, config, data_config, out, device, quiet,
                            on_epoch=lambda metrics: progress_echo(format_epoch(metrics)))
