@@ -2,9 +2,8 @@
 
 Removing a block changes the activations that every later batch norm
 receives, so the running means and variances stored during training no longer
-fit. Recalibration
-passes training images through the network in training mode and stores fresh
-statistics, changing no weight.
+fit. Recalibration passes training images through the network in training mode
+and stores fresh statistics, changing no weight.
 """
 
 from __future__ import annotations
@@ -18,6 +17,14 @@ from sdprune.depth import draw_gates
 from sdprune.resnet import CifarResNet
 
 
+# How blocks run while statistics are collected. On a resnet20 trained 8 epochs on
+# the CIFAR-10 JPEGs (68.7% validation accuracy), "open" scored within 0.5 points
+# across seeds and at or above no recalibration in 6 of 7 pruned and unpruned cases
+# (at worst 0.06 points below). "random" with 2000 images varied by up to 4.6
+# points between seeds and fell up to 3.9 points below no recalibration.
+RECALIBRATION_GATES = ("open", "random")
+
+
 def batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
 
@@ -28,20 +35,23 @@ def recalibrate_batch_norm(
     images: int,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
+    gates: str = "open",
 ) -> int:
     """Replace every batch norm's running statistics by their average over `images` training images.
 
-    `batches` yields (images, labels) under the training augmentation. Each
-    batch runs in training mode with one stochastic-depth gate per block drawn
-    from the survival probabilities (from `generator`), so the statistics match
-    the distribution the network was trained under; running the eval-time
-    network on plain images instead was measured to lower accuracy. Each batch
-    norm averages the batches it saw with equal weight (momentum None). No
-    gradient is computed and no weight changes; the model's mode and momenta are
-    restored, and a batch norm that saw no batch keeps its old statistics.
-    Returns the number of images used, fewer than `images` when the batches
-    run out.
+    `batches` yields (images, labels) under the training augmentation. Batch
+    norm runs in training mode and averages the batches it saw with equal
+    weight (momentum None). With `gates` "open", each batch takes the eval-time
+    path: every kept block runs, its branch scaled by p_l. With "random", each
+    batch takes a training-time path instead, with one gate per block drawn
+    from the survival probabilities (from `generator`) and branches unscaled.
+    No gradient is computed and no weight changes. The model's mode and
+    momenta are restored, and a batch norm that saw no batch keeps its old
+    statistics. Returns the number of images used, fewer than `images` when
+    the batches run out.
     """
+    if gates not in RECALIBRATION_GATES:
+        raise ValueError(f"gates must be one of {', '.join(RECALIBRATION_GATES)}, got {gates!r}")
     layers = batch_norm_layers(model)
     momenta = [layer.momentum for layer in layers]
     saved = [{name: buffer.clone() for name, buffer in layer.named_buffers()} for layer in layers]
@@ -58,7 +68,10 @@ def recalibrate_batch_norm(
                 if used >= images:
                     break
                 inputs = inputs[: images - used].to(device, non_blocking=True)
-                model(inputs, gates=draw_gates(model.survival, generator))
+                if gates == "random":
+                    model(inputs, gates=draw_gates(model.survival, generator), test_scaling=False)
+                else:
+                    model(inputs, gates=[True] * len(model.blocks), test_scaling=True)
                 used += inputs.shape[0]
     finally:
         for layer, momentum, buffers in zip(layers, momenta, saved):

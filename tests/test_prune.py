@@ -330,15 +330,60 @@ def test_recalibration_changes_statistics_only():
     torch.testing.assert_close(layers[0].running_mean, expected_mean)
 
 
-def test_recalibration_reproducible_under_seed():
+def test_random_gates_reproducible_under_seed():
     batches = [(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)) for _ in range(3)]
     results = []
-    for _ in range(2):
+    for seed in (3, 3, 4):
         model = prune_model(tiny_model(), [9])
-        recalibrate_batch_norm(model, batches, 24, generator=torch.Generator().manual_seed(3))
+        recalibrate_batch_norm(model, batches, 24, generator=torch.Generator().manual_seed(seed), gates="random")
         results.append(model.state_dict())
     for name, tensor in results[0].items():
         assert torch.equal(tensor, results[1][name]), name
+    assert any(not torch.equal(tensor, results[2][name]) for name, tensor in results[0].items())
+
+
+def test_open_gates_use_eval_path_statistics():
+    model = prune_model(tiny_model(), [2, 7])
+    images = torch.randn(16, 1, 8, 8)
+
+    # Batch norm in training mode normalizes with batch statistics only, so a copy shows
+    # what each layer receives on the eval-time path (all kept blocks, scaled by p_l).
+    probe = prune_model(model, []).train()
+    seen = {}
+
+    def record_mean(name: str):
+        def hook(module, inputs) -> None:
+            seen[name] = inputs[0].mean(dim=(0, 2, 3))
+        return hook
+
+    for name, module in probe.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.register_forward_pre_hook(record_mean(name))
+    with torch.no_grad():
+        probe(images, gates=[True] * 9, test_scaling=True)
+
+    recalibrate_batch_norm(model, [(images, torch.zeros(16, dtype=torch.long))], 16,
+                           generator=torch.Generator().manual_seed(0))
+    layers = dict(model.named_modules())
+    assert len(seen) == 1 + 2 * 7
+    for name, mean in seen.items():
+        torch.testing.assert_close(layers[name].running_mean, mean, msg=name)
+
+
+def test_open_gates_ignore_generator():
+    batches = [(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
+    results = []
+    for seed in (0, 1):
+        model = prune_model(tiny_model(), [9])
+        recalibrate_batch_norm(model, batches, 16, generator=torch.Generator().manual_seed(seed))
+        results.append(model.state_dict())
+    for name, tensor in results[0].items():
+        assert torch.equal(tensor, results[1][name]), name
+
+
+def test_recalibration_rejects_unknown_gates():
+    with pytest.raises(ValueError, match="gates must be one of open, random"):
+        recalibrate_batch_norm(tiny_model(), [], 10, gates="closed")
 
 
 # Config checks.
@@ -369,6 +414,7 @@ def test_target_depth_resolves_ratio():
     ({"max_accuracy_drop": -1.0}, "--max-accuracy-drop must be between 0 and 100"),
     ({"keep_depth": 3, "strategy": "random"}, "--strategy must be one of"),
     ({"keep_depth": 3, "survival_last": 0.0}, "--survival-last must be in"),
+    ({"keep_depth": 3, "recalibration_gates": "closed"}, "--recalibration-gates must be one of open, random"),
 ])
 def test_prune_config_rejects(values, message):
     with pytest.raises(InvalidValueError, match=message):
@@ -541,7 +587,7 @@ def test_finetune_config_constant_depth(digits_parent):
 def test_recalibration_discarded_when_it_hurts(digits_run, tmp_path, monkeypatch):
     from sdprune import prune_run as pipeline
 
-    def wreck_statistics(model, loader, images, device, generator):
+    def wreck_statistics(model, loader, images, device, generator, gates="open"):
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean += 50.0

@@ -13,6 +13,7 @@ from sdprune.depth import SURVIVAL_RULES
 from sdprune.errors import InvalidValueError
 from sdprune.prune import STRATEGIES
 from sdprune.prune_run import PruneConfig, prune_run, resume_pruning
+from sdprune.recalibrate import RECALIBRATION_GATES
 from sdprune.runs import load_run
 from sdprune.train import resolve_device
 
@@ -58,6 +59,9 @@ def format_report(report: dict[str, Any]) -> list[str]:
               help="Re-estimate batch-norm statistics of the pruned network on augmented training images.")
 @click.option("--recalibration-images", type=int, default=2000, show_default=True,
               help="Training images used for batch-norm recalibration.")
+@click.option("--recalibration-gates", type=click.Choice(RECALIBRATION_GATES), default="open", show_default=True,
+              help="Recalibrate with every kept block running, scaled by p_l as at test time (open), or with "
+                   "random stochastic-depth gates per batch as in training (random).")
 @click.option("--binarize", is_flag=True,
               help="After removal and recalibration, turn every convolution of the kept residual branches into "
                    "a binary-weight convolution (sign(W) times mean |W| per output channel), recalibrate batch norm "
@@ -107,7 +111,8 @@ def prune(run, out, resume, device, as_json, quiet, **options) -> None:
             strategy=options["strategy"], keep_depth=options["keep_depth"], keep_ratio=options["keep_ratio"],
             max_accuracy_drop=options["max_accuracy_drop"], importance=options["importance"],
             samples=options["samples"], seed=options["seed"], recalibrate=options["recalibrate"],
-            recalibration_images=options["recalibration_images"], finetune_epochs=options["finetune_epochs"],
+            recalibration_images=options["recalibration_images"],
+            recalibration_gates=options["recalibration_gates"], finetune_epochs=options["finetune_epochs"],
             finetune_lr=options["finetune_lr"], survival_rule=options["survival_rule"],
             survival_last=options["survival_last"],
             binarize=options["binarize"] or options["binarize_all"], binarize_all=options["binarize_all"],
